@@ -1,0 +1,41 @@
+"""probekit: layerwise probing and analysis of transformer encoders.
+
+The Python API that the ``probekit`` command wraps::
+
+    import probekit
+    caches = probekit.extract("path/to/model", ["bigram_shift"], out="caches")
+    cache = probekit.LayerCache.open(caches[0].path)
+    cache["train", 3]          # layer 3 of the train split, [N, D]
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("probekit")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+source"
+
+from probekit.backbone import Backbone, load_backbone
+from probekit.cache import LayerCache, find_caches
+from probekit.data import get_task, list_tasks, load_task
+from probekit.errors import ProbekitError
+from probekit.extraction import encode, extract
+from probekit.results import load_results, save_results
+
+__all__ = [
+    "Backbone",
+    "LayerCache",
+    "ProbekitError",
+    "__version__",
+    "encode",
+    "extract",
+    "find_caches",
+    "get_task",
+    "list_tasks",
+    "load_backbone",
+    "load_results",
+    "load_task",
+    "save_results",
+]

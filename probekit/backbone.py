@@ -1,0 +1,238 @@
+"""Loading a frozen encoder: device and dtype choice, fingerprints, clear load errors.
+
+A ``Backbone`` is a Hugging Face encoder in eval mode with gradients off plus its
+tokenizer and a fingerprint of its weights, so caches made from different weights
+can never be mistaken for each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from probekit.errors import ProbekitError
+
+HUB_HOST = "huggingface.co"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GENERIC_DIR_NAMES = {"model", "models", "snapshot", "checkpoint", "best", "final"}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProbekitError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ProbekitError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape and bytes).
+
+    Hashing the loaded tensors, not the files, gives one fingerprint whatever the
+    checkpoint's format (safetensors, bin, hub or local, or an in-memory model).
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of the tokenizer's full definition (vocabulary, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:  # a slow tokenizer: its vocabulary and class are what matter
+        import json
+
+        text = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_slug(source: str) -> str:
+    """A short, filesystem-safe name for a model: its folder's name or its hub id."""
+    path = Path(source)
+    if path.exists():
+        parts = [p for p in path.resolve().parts if p not in ("/", "")]
+        name = parts[-1]
+        if name.lower() in GENERIC_DIR_NAMES and len(parts) > 1:
+            name = parts[-2]
+    else:
+        name = source.replace("/", "--")
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+@dataclass
+class Backbone:
+    """A frozen encoder and its tokenizer, ready to run on ``device`` in ``dtype``."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    name: str
+    source: str = ""
+    fingerprint: str = ""
+    tokenizer_hash: str = ""
+    revision: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        self.model.requires_grad_(False)
+        if not self.fingerprint:
+            self.fingerprint = weights_fingerprint(self.model)
+        if not self.tokenizer_hash:
+            self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
+        if getattr(self.tokenizer, "pad_token_id", None) is None:
+            raise ProbekitError(f"the tokenizer of {self.name!r} has no padding token; set one before extracting")
+        self.model.to(device=self.device, dtype=self.dtype)
+        params = inspect.signature(self.model.forward).parameters
+        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        """Number of hidden-state layers including the embeddings (L + 1)."""
+        return int(self.config.num_hidden_layers) + 1
+
+    @property
+    def hidden_size(self) -> int:
+        return int(getattr(self.config, "hidden_size", None) or self.config.dim)
+
+    def info(self) -> dict[str, Any]:
+        """What the cache manifest records about the model."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "revision": self.revision,
+            "class": type(self.model).__name__,
+            "model_type": getattr(self.config, "model_type", None),
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "tokenizer": {
+                "class": type(self.tokenizer).__name__,
+                "fingerprint": self.tokenizer_hash,
+                "name_or_path": getattr(self.tokenizer, "name_or_path", None),
+            },
+        }
+
+
+def load_backbone(
+    model: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    name: str | None = None,
+) -> Backbone:
+    """Load an encoder that ``AutoModel`` knows, frozen, from a local folder or the hub."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source = str(model)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ProbekitError(f"--model {source}: expected a checkpoint folder (config.json, weights), got a file")
+        source = str(local.resolve())
+    else:
+        kwargs["local_files_only"] = _hub_offline()
+    try:
+        with _quiet_hub():
+            mdl = AutoModel.from_pretrained(source, **kwargs)
+            tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ProbekitError(_load_error(source, local.exists(), e)) from None
+    revision = getattr(mdl.config, "_commit_hash", None)
+    return Backbone(
+        model=mdl,
+        tokenizer=tok,
+        name=name or model_slug(source),
+        source=source,
+        revision=revision,
+        device=dev,
+        dtype=dt,
+    )
+
+
+def _hub_offline() -> bool:
+    """True when the hub is switched off or unreachable (checked with one quick connection)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def _load_error(source: str, is_local: bool, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "trust_remote_code" in str(err):
+        return f"model {source!r} needs its own code to load; pass --trust-remote-code only if you trust it"
+    if is_local:
+        return f"could not load a model from {source}: {first}"
+    return (
+        f"model {source!r} is not a local folder, not in the Hugging Face cache, and could not be fetched "
+        f"from the hub ({first}). Where there is internet, download it "
+        f"(`hf download {source} --local-dir DIR`) and pass --model DIR."
+    )
+
+
+class _quiet_hub:
+    """Silence the hub's retry chatter and the weight-loading bar; errors still raise."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self.loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+        self.bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        for lg, level in zip(self.loggers, self.levels, strict=True):
+            lg.setLevel(level)
+        if self.bars:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,378 @@
+"""The every-layer feature cache: on-disk layout, atomic/resumable writing, and the
+``LayerCache`` object that hands features out by split and layer.
+
+A cache directory holds one task's features from one model::
+
+    manifest.json              what made it (model fingerprint, data sha256, pooling...)
+    train.features.npy         [N, L+1, D] (pooled) or [T, L+1, D] (token-level)
+    train.labels.npy           [N]
+    train.offsets.npy          [N+1]  token-level only: sentence i is rows offsets[i]:offsets[i+1]
+    train.token_ids.npy        [T]    token-level only
+    dev.* test.*
+
+The directory is written as ``<name>.partial`` and renamed into place when complete;
+only a directory with a manifest is ever read as a cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from probekit.errors import CacheError, ProbekitError
+from probekit.io import read_json, remove_tree, sha256_file, sha256_json, write_json
+
+FORMAT = "probekit-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+PARTIAL = ".partial"
+SPLIT_ORDER = ("train", "dev", "test")
+
+
+def cache_key(settings: Mapping[str, Any]) -> str:
+    """Hex key of everything that determines a cache's contents."""
+    return sha256_json({"format": FORMAT, "version": VERSION, **settings})
+
+
+def cache_dir_name(task: str, pool: str, max_length: int, key: str) -> str:
+    return f"{task}-{pool}-{max_length}-{key[:12]}"
+
+
+# ---------------------------------------------------------------- reading
+
+
+class LayerCache:
+    """One task's cached hidden states: ``cache["train"]`` is [N, L+1, D],
+    ``cache["train", 3]`` is layer 3 ([N, D]), ``cache.labels("test")`` the labels.
+
+    Arrays are memory-mapped NumPy arrays after :meth:`open`, or torch tensors after
+    :meth:`to`, which moves every split and layer to a device in one call.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], arrays: dict[str, dict[str, Any]]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.arrays = arrays
+
+    # construction
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = False, mmap: bool = True) -> LayerCache:
+        """Open a complete cache; ``verify=True`` also checks every file's SHA-256."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        arrays: dict[str, dict[str, Any]] = {}
+        order = {s: i for i, s in enumerate(SPLIT_ORDER)}
+        for split, info in sorted(manifest["splits"].items(), key=lambda kv: order.get(kv[0], len(order))):
+            arrays[split] = {}
+            for kind, fname in info["files"].items():
+                fpath = path / fname
+                if not fpath.is_file():
+                    raise CacheError(f"cache {path} is incomplete: {fname} is missing; re-run probekit extract")
+                if verify and sha256_file(fpath) != manifest["checksums"][fname]:
+                    raise CacheError(f"cache {path}: {fname} does not match its checksum; delete the cache and re-run")
+                try:
+                    arr = np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+                except ValueError as e:
+                    raise CacheError(f"cache {path}: {fname} is not a readable array ({e})") from None
+                arrays[split][kind] = arr
+            n = info["n"]
+            if len(arrays[split]["labels"]) != n:
+                raise CacheError(f"cache {path}: {split} has {len(arrays[split]['labels'])} labels, manifest says {n}")
+            want = (info.get("n_tokens", n), manifest["n_layers"], manifest["hidden_size"])
+            if tuple(arrays[split]["features"].shape) != want:
+                raise CacheError(
+                    f"cache {path}: {split} features have shape {arrays[split]['features'].shape}, "
+                    f"manifest says {want}; delete the cache and re-run"
+                )
+        return cls(path, manifest, arrays)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = torch.float32) -> LayerCache:
+        """A copy with every array as a torch tensor on ``device`` (features cast to ``dtype``)."""
+        moved: dict[str, dict[str, Any]] = {}
+        for split, arrs in self.arrays.items():
+            moved[split] = {}
+            for kind, arr in arrs.items():
+                # np.array reads the memory map once into a writable array torch can wrap
+                t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr))
+                if kind == "features" and dtype is not None:
+                    t = t.to(device=device, dtype=dtype)
+                else:
+                    t = t.to(device=device)
+                moved[split][kind] = t
+        return LayerCache(self.path, self.manifest, moved)
+
+    # access
+    def __getitem__(self, key: str | tuple[str, int]) -> Any:
+        if isinstance(key, tuple):
+            split, layer = key
+            return self.layer(layer, split)
+        return self.features(key)
+
+    def features(self, split: str) -> Any:
+        """All layers of a split: [N, L+1, D] (or [T, L+1, D] for token-level caches)."""
+        return self._get(split, "features")
+
+    def labels(self, split: str) -> Any:
+        return self._get(split, "labels")
+
+    def offsets(self, split: str) -> Any:
+        """Token-level caches: sentence i's tokens are rows ``offsets[i]:offsets[i+1]``."""
+        return self._get(split, "offsets")
+
+    def layer(self, layer: int, split: str = "train") -> Any:
+        """One layer of one split ([N, D]); negative layers count from the top."""
+        n = self.n_layers
+        if not -n <= layer < n:
+            raise IndexError(f"layer {layer} out of range: this cache has layers 0..{n - 1} (0 = embeddings)")
+        return self.features(split)[:, layer]
+
+    def _get(self, split: str, kind: str) -> Any:
+        if split not in self.arrays:
+            raise KeyError(f"no split {split!r} in cache {self.path.name}; splits: {self.splits}")
+        if kind not in self.arrays[split]:
+            raise KeyError(f"cache {self.path.name} has no {kind!r} array (pooling {self.pool!r})")
+        return self.arrays[split][kind]
+
+    # metadata
+    @property
+    def splits(self) -> list[str]:
+        return list(self.arrays)
+
+    @property
+    def task(self) -> str:
+        return str(self.manifest["task"])
+
+    @property
+    def model(self) -> str:
+        return str(self.manifest["model"]["name"])
+
+    @property
+    def pool(self) -> str:
+        return str(self.manifest["pool"])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.manifest["n_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.manifest["hidden_size"])
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.manifest.get("label_names", []))
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.n_layers))
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.manifest['splits'][s]['n']}" for s in self.splits)
+        return (
+            f"LayerCache(task={self.task!r}, model={self.model!r}, pool={self.pool!r}, "
+            f"layers={self.n_layers}, dim={self.hidden_size}, {counts})"
+        )
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete cache, or a ``CacheError`` saying what is wrong."""
+    path = Path(path)
+    if path.name.endswith(PARTIAL) or (path.parent / (path.name + PARTIAL)).exists():
+        raise CacheError(f"cache {path} is incomplete (an extraction was interrupted); re-run probekit extract")
+    if not path.exists():
+        raise CacheError(f"cache {path} does not exist; create it with probekit extract")
+    if not (path / MANIFEST).is_file():
+        raise CacheError(f"{path} is not a probekit cache (no {MANIFEST})")
+    try:
+        manifest = read_json(path / MANIFEST)
+    except ValueError as e:
+        raise CacheError(f"cache {path}: {MANIFEST} is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path / MANIFEST} is not a probekit cache manifest")
+    if manifest.get("version") != VERSION:
+        raise CacheError(
+            f"cache {path} was written by an incompatible probekit (cache version {manifest.get('version')}, "
+            f"this probekit reads version {VERSION}); delete it and re-run probekit extract"
+        )
+    return manifest
+
+
+def find_caches(paths: str | Path | list[str | Path]) -> list[Path]:
+    """Complete caches at or below each path (a cache dir, or a folder of them, two levels deep)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CacheError(f"cache directory {p} does not exist")
+        if (p / MANIFEST).is_file():
+            found.append(p)
+            continue
+        hits = sorted({m.parent for pattern in ("*/" + MANIFEST, "*/*/" + MANIFEST) for m in p.glob(pattern)})
+        found.extend(h for h in hits if not h.name.endswith(PARTIAL))
+        if not hits:
+            partial = list(p.glob("*" + PARTIAL)) + list(p.glob("*/*" + PARTIAL))
+            extra = f" ({len(partial)} interrupted extraction(s) found; re-run probekit extract)" if partial else ""
+            raise CacheError(f"no probekit cache found in {p}{extra}")
+    return found
+
+
+def list_caches(root: str | Path) -> list[dict[str, Any]]:
+    """One summary row per cache below ``root``: what ``probekit cache ls`` shows."""
+    rows = []
+    for p in find_caches(root):
+        m = read_manifest(p)
+        size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+        rows.append(
+            {
+                "path": str(p),
+                "task": m["task"],
+                "model": m["model"]["name"],
+                "pool": m["pool"],
+                "max_length": m["max_length"],
+                "layers": m["n_layers"],
+                "dim": m["hidden_size"],
+                "n": sum(s["n"] for s in m["splits"].values()),
+                "dtype": m["storage_dtype"],
+                "size_mb": round(size / 2**20, 1),
+                "created": m.get("created", ""),
+            }
+        )
+    return rows
+
+
+def remove_cache(path: str | Path) -> None:
+    """Delete a cache directory (refusing anything that is not one)."""
+    path = Path(path)
+    if not ((path / MANIFEST).is_file() or path.name.endswith(PARTIAL)):
+        raise CacheError(f"{path} is not a probekit cache; refusing to delete it")
+    remove_tree(path)
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class CacheWriter:
+    """Writes a cache into ``<final>.partial`` and renames it into place when complete.
+
+    Arrays are preallocated ``.npy`` memory maps; after each block of batches the maps
+    are flushed and ``progress.json`` records how many batches of each split are done,
+    so a killed extraction resumes where it stopped and ends with identical arrays.
+    A lock file keeps two processes from writing the same cache.
+    """
+
+    def __init__(self, final: Path, key: str, layout: Mapping[str, Mapping[str, ArraySpec]], tag: str = "") -> None:
+        self.final = Path(final)
+        self.partial = self.final.with_name(self.final.name + PARTIAL)
+        self.key = key
+        self.tag = tag
+        """Identifies the batch plan: progress is only resumed under the same plan."""
+        self.layout = layout
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.done: dict[str, int] = {}
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> CacheWriter:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.final.with_name(self.final.name + ".lock")
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ProbekitError(f"another probekit process is writing {self.final}; wait for it to finish") from None
+        self._lock_fd = fd
+        self._open_partial()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.arrays.clear()  # drop the memory maps (they flush on close)
+        if self._lock_fd is not None:
+            lock = self.final.with_name(self.final.name + ".lock")
+            lock.unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def resumed(self) -> bool:
+        return any(self.done.values())
+
+    def _open_partial(self) -> None:
+        progress = self.partial / PROGRESS
+        if progress.is_file():
+            try:
+                state = read_json(progress)
+            except ValueError:
+                state = {}
+            if (state.get("key"), state.get("tag"), state.get("version")) == (self.key, self.tag, VERSION):
+                try:
+                    self.arrays = {
+                        split: {kind: np.load(self.partial / f"{split}.{kind}.npy", mmap_mode="r+") for kind in kinds}
+                        for split, kinds in self.layout.items()
+                    }
+                    self.done = {s: int(state["done"].get(s, 0)) for s in self.layout}
+                    return
+                except (OSError, ValueError, KeyError):
+                    pass  # unreadable leftovers: start over below
+        remove_tree(self.partial)
+        self.partial.mkdir(parents=True)
+        self.arrays = {
+            split: {
+                kind: np.lib.format.open_memmap(
+                    self.partial / f"{split}.{kind}.npy", mode="w+", dtype=spec.dtype, shape=spec.shape
+                )
+                for kind, spec in kinds.items()
+            }
+            for split, kinds in self.layout.items()
+        }
+        self.done = {s: 0 for s in self.layout}
+        self._write_progress()
+
+    def checkpoint(self, split: str, batches_done: int) -> None:
+        """Flush the arrays, then record that the first ``batches_done`` batches of ``split`` are written."""
+        for arr in self.arrays[split].values():
+            arr.flush()
+        self.done[split] = batches_done
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        write_json(self.partial / PROGRESS, {"key": self.key, "tag": self.tag, "version": VERSION, "done": self.done})
+
+    def finalize(self, manifest: dict[str, Any]) -> Path:
+        """Checksum the arrays, write the manifest and move the cache into place."""
+        for arrs in self.arrays.values():
+            for arr in arrs.values():
+                arr.flush()
+        self.arrays.clear()
+        files = {f"{s}.{k}.npy" for s, kinds in self.layout.items() for k in kinds}
+        manifest = {
+            **manifest,
+            "format": FORMAT,
+            "version": VERSION,
+            "key": self.key,
+            "checksums": {f: sha256_file(self.partial / f) for f in sorted(files)},
+        }
+        for split, kinds in self.layout.items():
+            manifest["splits"][split]["files"] = {k: f"{split}.{k}.npy" for k in kinds}
+        (self.partial / PROGRESS).unlink(missing_ok=True)
+        write_json(self.partial / MANIFEST, manifest)
+        if self.final.exists():
+            remove_tree(self.final)
+        os.replace(self.partial, self.final)
+        return self.final

@@ -1,0 +1,83 @@
+"""The ``probekit`` command: a thin layer over the Python API.
+
+Each sub-command lives in its own module of this package and registers itself on
+``app``; adding a command is adding a module. User errors
+(:class:`~probekit.errors.ProbekitError`) end the command with one readable line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from probekit.errors import ProbekitError
+
+
+class _Group(TyperGroup):
+    """Turns user errors raised anywhere below into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ProbekitError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(code=e.exit_code) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="probekit",
+    help="Layerwise probing and analysis of transformer encoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from probekit import __version__
+
+        typer.echo(f"probekit {__version__}")
+        raise typer.Exit()
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Layerwise probing and analysis of transformer encoders (BERT and its family)."""
+    warnings.showwarning = _one_line_warning
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app(args=argv, prog_name="probekit")
+
+
+def _register_commands() -> None:
+    """Import every module of this package: each registers its command(s) on ``app``."""
+    import importlib
+    import pkgutil
+
+    first = ["extract", "probe"]  # the main job's commands come first in --help
+    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name != "common"]
+    for name in sorted(names, key=lambda n: (n not in first, first.index(n) if n in first else 0, n)):
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_register_commands()

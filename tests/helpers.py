@@ -1,0 +1,98 @@
+"""Builders shared by the tests: tiny random encoders and SentEval-format files."""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "rug",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "today",
+    "yesterday",
+    "quickly",
+    "and",
+    "but",
+    "he",
+    "she",
+    "they",
+    "we",
+    "it",
+    "was",
+    "were",
+    "is",
+    "are",
+    "saw",
+    "sees",
+]
+
+
+def tiny_vocab() -> list[str]:
+    """Specials, whole words, single characters and ##-continuations: any lowercase text tokenises."""
+    chars = list(string.ascii_lowercase + string.digits + ".,'!?;:-")
+    return SPECIALS + WORDS + chars + [f"##{c}" for c in chars]
+
+
+def tiny_tokenizer() -> BertTokenizer:
+    vocab = {tok: i for i, tok in enumerate(tiny_vocab())}
+    return BertTokenizer(vocab=vocab)
+
+
+def tiny_bert_config(layers: int = 2, hidden: int = 32, **kw: object) -> BertConfig:
+    return BertConfig(
+        vocab_size=len(tiny_vocab()),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+        **kw,
+    )
+
+
+def make_tiny_bert(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny BERT and its tokenizer to ``path``."""
+    torch.manual_seed(seed)
+    model = BertModel(tiny_bert_config(layers, hidden))
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def random_sentence(rng: random.Random, lo: int = 2, hi: int = 14) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def write_senteval(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """Write ``(split, label, sentence)`` rows in SentEval format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{s}\t{y}\t{x}\n" for s, y, x in rows), encoding="utf-8")
+    return path
+
+
+def toy_senteval(
+    path: Path, n: tuple[int, int, int] = (40, 12, 16), seed: int = 0, labels: tuple[str, ...] = ("O", "I")
+) -> Path:
+    """A small SentEval file of random sentences with varied lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for tag, count in zip(("tr", "va", "te"), n, strict=True):
+        rows += [(tag, labels[i % len(labels)], random_sentence(rng)) for i in range(count)]
+    return write_senteval(path, rows)
