@@ -4,6 +4,23 @@ One row per measured number: model, task, layer, probe, seed, split, metric and 
 with the settings that produced it. Every command saves its table with
 :func:`save_results` (Parquet and CSV, written atomically) and the report and
 notebooks read any number of them back with :func:`load_results`.
+
+Vocabulary (``source`` says which analysis wrote a row; the report keys on it):
+
+- ``source="probe"`` (``probekit probe``): ``probe`` is ``linear`` or ``mlp``; ``split`` is
+  ``dev`` or ``test``; ``metric`` is ``acc`` (the probe), ``control_acc`` (same probe on
+  shuffled train labels), ``selectivity`` (acc - control_acc) or ``majority_acc``
+  (majority-class baseline); ``layer`` 0..L (0 = embeddings); ``ci_low``/``ci_high`` a
+  95% binomial (Wilson) interval; ``reg`` the regularisation chosen on dev.
+- ``source="mlm-probe"`` (``probekit mlm-probe``): ``probe="mlm-head"``, ``split="heldout"``,
+  ``metric`` ``mlm_acc`` or ``mlm_top5``; ``settings`` holds mask_ratio, dropout_ratio, ...
+- ``source="offramp"`` (``probekit offramp``): ``probe`` is the training mode (``frozen``,
+  ``deebert``, ``joint``), ``layer`` the forced exit layer, ``metric`` the task's official
+  metric(s) (``acc``, ``mcc``, ``f1``, ``pearson``, ``spearman``).
+- ``source="exit-policy"``: one row per policy and threshold, with extra columns ``policy``,
+  ``threshold``, ``mean_exit_layer``, ``expected_saving`` (and ``measured_saving`` when
+  timed); ``layer`` is -1; the exit histogram is rows with ``metric="exit_fraction"`` and
+  ``layer`` the exit layer.
 """
 
 from __future__ import annotations
