@@ -354,8 +354,8 @@ class CacheWriter:
     def _write_progress(self) -> None:
         write_json(self.partial / PROGRESS, {"key": self.key, "tag": self.tag, "version": VERSION, "done": self.done})
 
-    def finalize(self, manifest: dict[str, Any]) -> Path:
-        """Checksum the arrays, write the manifest and move the cache into place."""
+    def finalize(self, manifest: dict[str, Any], kind: str = FORMAT) -> Path:
+        """Checksum the arrays, write the manifest and move the cache (or shard) into place."""
         for arrs in self.arrays.values():
             for arr in arrs.values():
                 arr.flush()
@@ -363,7 +363,7 @@ class CacheWriter:
         files = {f"{s}.{k}.npy" for s, kinds in self.layout.items() for k in kinds}
         manifest = {
             **manifest,
-            "format": FORMAT,
+            "format": kind,
             "version": VERSION,
             "key": self.key,
             "checksums": {f: sha256_file(self.partial / f) for f in sorted(files)},

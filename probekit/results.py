@@ -68,8 +68,9 @@ def tidy(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = None
     if "settings" in df.columns:
-        df["settings"] = [s if s is None or isinstance(s, str) else json.dumps(s, sort_keys=True)
-                          for s in df["settings"]]
+        df["settings"] = [
+            s if s is None or isinstance(s, str) else json.dumps(s, sort_keys=True) for s in df["settings"]
+        ]
     ordered = [*REQUIRED, *STANDARD]
     return df[ordered + [c for c in df.columns if c not in ordered]]
 
@@ -113,5 +114,8 @@ def load_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
             if missing:
                 raise ProbekitError(f"{f} is not a probekit results table (missing columns {missing})")
             frames.append(df)
-    return tidy(pd.concat(frames, ignore_index=True).to_dict("records")) if len(frames) > 1 else tidy(
-        frames[0].to_dict("records"))
+    return (
+        tidy(pd.concat(frames, ignore_index=True).to_dict("records"))
+        if len(frames) > 1
+        else tidy(frames[0].to_dict("records"))
+    )

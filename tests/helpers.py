@@ -96,3 +96,46 @@ def toy_senteval(
     for tag, count in zip(("tr", "va", "te"), n, strict=True):
         rows += [(tag, labels[i % len(labels)], random_sentence(rng)) for i in range(count)]
     return write_senteval(path, rows)
+
+
+class RangeHandler:
+    """Factory for an ``http.server`` handler that serves a folder with HTTP range support
+    (Python's own handler ignores ``Range``), counting requests per path."""
+
+    @staticmethod
+    def make(root: Path, log: list[tuple[str, str | None]]) -> type:
+        from http.server import BaseHTTPRequestHandler
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range")
+                log.append((self.path, rng))
+                path = root / self.path.lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                if start >= len(data) and rng:
+                    self.send_response(416)
+                    self.end_headers()
+                    return
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                self.wfile.write(data[start:])
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+
+def serve(root: Path, log: list[tuple[str, str | None]]):  # type: ignore[no-untyped-def]
+    """Start a local HTTP server for ``root`` in a thread; returns (server, base_url)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler.make(root, log))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"

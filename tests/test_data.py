@@ -14,17 +14,28 @@ from probekit.errors import DataError, ProbekitError
 from tests.helpers import write_senteval
 
 NAMES = {
-    "sentence_length": "SentLen", "word_content": "WC", "tree_depth": "TreeDepth",
-    "top_constituents": "TopConst", "bigram_shift": "BShift", "past_present": "Tense",
-    "subj_number": "SubjNum", "obj_number": "ObjNum", "odd_man_out": "SOMO",
+    "sentence_length": "SentLen",
+    "word_content": "WC",
+    "tree_depth": "TreeDepth",
+    "top_constituents": "TopConst",
+    "bigram_shift": "BShift",
+    "past_present": "Tense",
+    "subj_number": "SubjNum",
+    "obj_number": "ObjNum",
+    "odd_man_out": "SOMO",
     "coordination_inversion": "CoordInv",
 }
 # counts per split of the shared sample (its README)
 SHARED_COUNTS = {
-    "bigram_shift": (1125, 456, 686), "coordination_inversion": (922, 374, 557),
-    "obj_number": (1083, 420, 655), "odd_man_out": (954, 381, 563), "past_present": (1142, 471, 686),
-    "sentence_length": (1949, 878, 1299), "subj_number": (1023, 426, 623),
-    "top_constituents": (1081, 429, 653), "tree_depth": (1190, 466, 721),
+    "bigram_shift": (1125, 456, 686),
+    "coordination_inversion": (922, 374, 557),
+    "obj_number": (1083, 420, 655),
+    "odd_man_out": (954, 381, 563),
+    "past_present": (1142, 471, 686),
+    "sentence_length": (1949, 878, 1299),
+    "subj_number": (1023, 426, 623),
+    "top_constituents": (1081, 429, 653),
+    "tree_depth": (1190, 466, 721),
 }
 
 
@@ -45,10 +56,17 @@ def test_unknown_task_lists_the_known_ones() -> None:
 
 
 def test_reader_follows_senteval(tmp_path: Path) -> None:
-    path = write_senteval(tmp_path / "t.txt", [
-        ("tr", "b", "the  cat\tsat"[:8]), ("tr", "a", "a dog ran"), ("tr", "c", "he saw it"),
-        ("va", "c", "we ran"), ("te", "a", "  they   sat  "), ("te", "b", "it is"),
-    ])
+    path = write_senteval(
+        tmp_path / "t.txt",
+        [
+            ("tr", "b", "the  cat\tsat"[:8]),
+            ("tr", "a", "a dog ran"),
+            ("tr", "c", "he saw it"),
+            ("va", "c", "we ran"),
+            ("te", "a", "  they   sat  "),
+            ("te", "b", "it is"),
+        ],
+    )
     data = load_task(path)
     assert data.name == "t"
     assert data.label_names == ["a", "b", "c"]  # sorted train labels, as SentEval maps them
@@ -103,9 +121,20 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, tiny_model: Path) -> N
     path = tmp_path / "bad.txt"
     path.write_text(GOOD.replace("va\t", "xx\t"), encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "probekit", "extract", "--model", str(tiny_model), "--task", str(path),
-         "--out", str(tmp_path / "c")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "probekit",
+            "extract",
+            "--model",
+            str(tiny_model),
+            "--task",
+            str(path),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {path}:2: unknown split tag 'xx' (expected tr, va or te)"

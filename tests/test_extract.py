@@ -56,10 +56,12 @@ def count_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize("pool", ["mean", "cls"])
-def test_pooled_features_equal_per_sentence_computation(tiny_model: Path, toy_task: Path, tmp_path: Path,
-                                                        pool: str) -> None:
-    [cache] = extract(tiny_model, [toy_task], tmp_path, pool=pool, storage_dtype="float32", batch_size=8,
-                      progress=False)
+def test_pooled_features_equal_per_sentence_computation(
+    tiny_model: Path, toy_task: Path, tmp_path: Path, pool: str
+) -> None:
+    [cache] = extract(
+        tiny_model, [toy_task], tmp_path, pool=pool, storage_dtype="float32", batch_size=8, progress=False
+    )
     data = load_task(toy_task)
     assert cache.n_layers == 3 and cache.hidden_size == 32  # 2 blocks + embeddings
     for split in ("train", "dev", "test"):
@@ -76,8 +78,7 @@ def test_pooled_features_equal_per_sentence_computation(tiny_model: Path, toy_ta
 
 
 def test_mean_can_exclude_special_tokens(tiny_model: Path, toy_task: Path, tmp_path: Path) -> None:
-    [cache] = extract(tiny_model, [toy_task], tmp_path, include_special=False, storage_dtype="float32",
-                      progress=False)
+    [cache] = extract(tiny_model, [toy_task], tmp_path, include_special=False, storage_dtype="float32", progress=False)
     texts = load_task(toy_task).splits["dev"].texts
     expected = torch.stack(manual_features(tiny_model, texts, "mean", include_special=False)).numpy()
     np.testing.assert_allclose(cache["dev"], expected, atol=2e-5, rtol=1e-4)
@@ -85,8 +86,9 @@ def test_mean_can_exclude_special_tokens(tiny_model: Path, toy_task: Path, tmp_p
 
 
 def test_token_level_cache(tiny_model: Path, toy_task: Path, tmp_path: Path) -> None:
-    [cache] = extract(tiny_model, [toy_task], tmp_path, pool="tokens", storage_dtype="float32", batch_size=5,
-                      progress=False)
+    [cache] = extract(
+        tiny_model, [toy_task], tmp_path, pool="tokens", storage_dtype="float32", batch_size=5, progress=False
+    )
     texts = load_task(toy_task).splits["test"].texts
     expected = manual_features(tiny_model, texts, "tokens")
     offsets = cache.offsets("test")
@@ -105,8 +107,9 @@ def test_float16_storage_is_close_to_float32(tiny_model: Path, toy_task: Path, t
     np.testing.assert_allclose(c16["train"].astype(np.float32), c32["train"], atol=5e-3, rtol=5e-3)
 
 
-def test_cache_is_reused_and_invalidated(tiny_model: Path, toy_task: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_is_reused_and_invalidated(
+    tiny_model: Path, toy_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = count_forwards(monkeypatch)
     [first] = extract(tiny_model, [toy_task], tmp_path / "c", progress=False)
     n_first = calls[0]
@@ -132,8 +135,9 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_crash_gives_identical_cache(tiny_model: Path, toy_task: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_crash_gives_identical_cache(
+    tiny_model: Path, toy_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import probekit.extraction as ex
 
     monkeypatch.setattr(ex, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every batch
@@ -163,8 +167,9 @@ def test_resume_after_crash_gives_identical_cache(tiny_model: Path, toy_task: Pa
 
     calls = count_forwards(monkeypatch)
     resumed = ex.extract_task(backbone, data, tmp_path / "c", batch_size=4, progress=False)
-    total_batches = sum(len(plan_batches(tokenize(backbone.tokenizer, s.texts).lengths, 4))
-                        for s in data.splits.values())
+    total_batches = sum(
+        len(plan_batches(tokenize(backbone.tokenizer, s.texts).lengths, 4)) for s in data.splits.values()
+    )
     assert calls[0] == total_batches - 12  # only the batches not yet written
     assert resumed.path == final and not partial.exists()
     for name in reference.manifest["checksums"]:
@@ -250,4 +255,5 @@ def test_bad_options(tiny_model: Path, toy_task: Path, tmp_path: Path) -> None:
         extract(tiny_model, [toy_task], tmp_path, pool="max", progress=False)
     with pytest.raises(ProbekitError, match="no CUDA GPU"):
         load_backbone(tiny_model, device="cuda") if not torch.cuda.is_available() else (_ for _ in ()).throw(
-            ProbekitError("no CUDA GPU (skipped)"))
+            ProbekitError("no CUDA GPU (skipped)")
+        )

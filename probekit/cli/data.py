@@ -31,15 +31,15 @@ def fetch(
     from probekit.data.fetch import read_sums
 
     sums = read_sums(checksums) if checksums else None
-    paths = run(collection, dest=dest, tasks=task, base_url=base_url, checksums=sums, force=force,
-                progress=not quiet)
+    paths = run(collection, dest=dest, tasks=task, base_url=base_url, checksums=sums, force=force, progress=not quiet)
     for p in paths:
         typer.echo(str(p))
 
 
 @data_app.command("ls")
-def ls(collection: Annotated[str | None, typer.Argument(help="Only this collection.")] = None,
-       data_dir: DataDir = None) -> None:
+def ls(
+    collection: Annotated[str | None, typer.Argument(help="Only this collection.")] = None, data_dir: DataDir = None
+) -> None:
     """List the registered tasks and where each one's data was found."""
     from probekit.data import list_tasks, locate
     from probekit.errors import ProbekitError
@@ -50,6 +50,13 @@ def ls(collection: Annotated[str | None, typer.Argument(help="Only this collecti
             where = str(locate(t, data_dir))
         except ProbekitError:
             where = "missing"
-        rows.append({"task": t.name, "aliases": ", ".join(t.aliases), "collection": t.collection,
-                     "description": t.description, "found": where})
+        rows.append(
+            {
+                "task": t.name,
+                "aliases": ", ".join(t.aliases),
+                "collection": t.collection,
+                "description": t.description,
+                "found": where,
+            }
+        )
     print_table(rows, title="tasks")

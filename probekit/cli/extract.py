@@ -57,19 +57,41 @@ def extract(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow models that ship their own code.")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Run a frozen encoder over tasks and cache every hidden layer (0 = embeddings)."""
+    """Run a frozen encoder over tasks and cache every hidden layer (0 = embeddings).
+
+    Under torchrun or accelerate launch the work is sharded over the processes.
+    """
+    from probekit.distributed import dist_info
     from probekit.extraction import extract as run
 
     caches = run(
-        model, task, out, pool=pool.value, max_length=max_length, batch_size=batch_size, device=device,
-        dtype=dtype.value, storage_dtype=storage_dtype.value, include_special=include_special,
-        data_dir=data_dir, unseen_labels=unseen_labels.value, trust_remote_code=trust_remote_code, name=name,
+        model,
+        task,
+        out,
+        pool=pool.value,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype.value,
+        storage_dtype=storage_dtype.value,
+        include_special=include_special,
+        data_dir=data_dir,
+        unseen_labels=unseen_labels.value,
+        trust_remote_code=trust_remote_code,
+        name=name,
         progress=not quiet,
     )
+    if not dist_info().is_main:
+        return
     print_table(
         [
-            {"task": c.task, "layers": c.n_layers, "dim": c.hidden_size,
-             **{s: c.manifest["splits"][s]["n"] for s in c.splits}, "cache": str(c.path)}
+            {
+                "task": c.task,
+                "layers": c.n_layers,
+                "dim": c.hidden_size,
+                **{s: c.manifest["splits"][s]["n"] for s in c.splits},
+                "cache": str(c.path),
+            }
             for c in caches
         ],
         title="caches",

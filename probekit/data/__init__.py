@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from probekit.data import glue as _glue  # noqa: F401  (registers its reader and fetcher)
 from probekit.data import senteval as _senteval  # noqa: F401  (registers its reader)
 from probekit.data.fetch import fetch
 from probekit.data.locate import default_data_dir, locate, search_dirs

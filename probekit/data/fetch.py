@@ -39,9 +39,15 @@ def register_fetcher(collection: str) -> Callable[[Fetcher], Fetcher]:
     return deco
 
 
-def fetch(collection: str, dest: str | Path | None = None, tasks: Sequence[str] | None = None,
-          base_url: str | None = None, checksums: dict[str, str] | None = None, force: bool = False,
-          progress: bool = True) -> list[Path]:
+def fetch(
+    collection: str,
+    dest: str | Path | None = None,
+    tasks: Sequence[str] | None = None,
+    base_url: str | None = None,
+    checksums: dict[str, str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> list[Path]:
     """Download a collection (``senteval``, ...) into ``dest`` (default: the user cache dir).
 
     ``base_url`` replaces the official location (a mirror); ``checksums`` maps file names
@@ -50,8 +56,14 @@ def fetch(collection: str, dest: str | Path | None = None, tasks: Sequence[str] 
     key = collection.lower()
     if key not in FETCHERS:
         raise ProbekitError(f"unknown collection {collection!r}; choose one of {', '.join(sorted(FETCHERS))}")
-    return FETCHERS[key](dest=Path(dest) if dest else default_data_dir(), tasks=tasks, base_url=base_url,
-                         checksums=checksums or {}, force=force, progress=progress)
+    return FETCHERS[key](
+        dest=Path(dest) if dest else default_data_dir(),
+        tasks=tasks,
+        base_url=base_url,
+        checksums=checksums or {},
+        force=force,
+        progress=progress,
+    )
 
 
 def read_sums(path: Path) -> dict[str, str]:
@@ -84,10 +96,18 @@ def download(url: str, target: Path, sha256: str | None = None, progress: bool =
             resumed = resp.status == 206
             total = resp.headers.get("Content-Length")
             total = int(total) + (have if resumed else 0) if total else None
-            with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=have if resumed else 0, unit="B", unit_scale=True,
-                desc=target.name, disable=not progress, leave=False,
-            ) as bar:
+            with (
+                open(part, "ab" if resumed else "wb") as f,
+                tqdm(
+                    total=total,
+                    initial=have if resumed else 0,
+                    unit="B",
+                    unit_scale=True,
+                    desc=target.name,
+                    disable=not progress,
+                    leave=False,
+                ) as bar,
+            ):
                 for block in iter(lambda: resp.read(1 << 16), b""):
                     f.write(block)
                     bar.update(len(block))
@@ -112,8 +132,14 @@ def download(url: str, target: Path, sha256: str | None = None, progress: bool =
 
 
 @register_fetcher("senteval")
-def fetch_senteval(dest: Path, tasks: Sequence[str] | None, base_url: str | None, checksums: dict[str, str],
-                   force: bool, progress: bool) -> list[Path]:
+def fetch_senteval(
+    dest: Path,
+    tasks: Sequence[str] | None,
+    base_url: str | None,
+    checksums: dict[str, str],
+    force: bool,
+    progress: bool,
+) -> list[Path]:
     """Download the SentEval probing files into ``dest/senteval/probing/``."""
     chosen: list[Task] = [get_task(t) for t in tasks] if tasks else list_tasks("senteval")
     for t in chosen:
@@ -122,8 +148,9 @@ def fetch_senteval(dest: Path, tasks: Sequence[str] | None, base_url: str | None
     return [_fetch_file(t, dest, base_url, checksums, force, progress) for t in chosen]
 
 
-def _fetch_file(task: Task, dest: Path, base_url: str | None, checksums: dict[str, str], force: bool,
-                progress: bool) -> Path:
+def _fetch_file(
+    task: Task, dest: Path, base_url: str | None, checksums: dict[str, str], force: bool, progress: bool
+) -> Path:
     target = dest / task.relpath
     fname = target.name
     url = (base_url.rstrip("/") + "/" + fname) if base_url else task.url

@@ -33,8 +33,7 @@ def decode_lines(path: Path, raw: bytes) -> list[str]:
         except UnicodeDecodeError as e:
             raise DataError(
                 path,
-                f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
-                "re-encode the file as UTF-8",
+                f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8",
                 line=i,
             ) from None
     return out
@@ -104,10 +103,7 @@ def read_senteval(task: Task, path: Path, unseen_labels: str = "error") -> TaskD
         labels[split] = [labels[split][i] for i in keep]
         if not keep:
             raise DataError(path, f"the {split} split has no rows left after dropping unseen labels")
-    splits = {
-        s: Split(texts=texts[s], labels=np.array([ids[y] for y in labels[s]], dtype=np.int64))
-        for s in SPLITS
-    }
+    splits = {s: Split(texts=texts[s], labels=np.array([ids[y] for y in labels[s]], dtype=np.int64)) for s in SPLITS}
     return TaskData(
         task=task,
         path=Path(path),

@@ -1,0 +1,280 @@
+"""Texts in, every layer's pooled features out: tokenising, batching, the frozen
+forward pass and pooling.
+
+Speed comes from SentEval's trick: sort texts by length, pad each batch only to its
+longest text, then put the results back in the original order. The batch plan is a
+pure function of the token lengths and the batch settings, so a resumed or sharded
+extraction computes exactly the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from probekit.backbone import Backbone
+from probekit.errors import ProbekitError
+
+POOLS = ("mean", "cls", "tokens")
+CPU_MAX_TOKENS = 8192
+GPU_MAX_TOKENS = 65536
+MAX_BATCH = 512
+
+
+@dataclass
+class Tokenized:
+    """Unpadded token ids of a list of texts (one array per text)."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    special: list[list[int]]
+    lengths: np.ndarray
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def truncated(self, max_length: int) -> int:
+        """How many texts reached ``max_length`` (and were most likely cut)."""
+        return int((self.lengths >= max_length).sum())
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage; the benchmark reads them to report extraction overhead."""
+
+    tokenize: float = 0.0
+    forward: float = 0.0
+    pool: float = 0.0
+    write: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"tokenize": self.tokenize, "forward": self.forward, "pool": self.pool, "write": self.write}
+
+
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], text_pairs: Sequence[str] | None = None, max_length: int = 128
+) -> Tokenized:
+    """Tokenise without padding, truncating to ``max_length`` tokens (specials included)."""
+    if max_length < 2:
+        raise ProbekitError(f"--max-length must be at least 2, got {max_length}")
+    enc = tokenizer(
+        list(texts),
+        list(text_pairs) if text_pairs is not None else None,
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+        return_special_tokens_mask=True,
+        return_attention_mask=False,
+    )
+    ids = enc["input_ids"]
+    types = enc.get("token_type_ids") if "token_type_ids" in tokenizer.model_input_names else None
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    return Tokenized(ids, types, enc["special_tokens_mask"], lengths)
+
+
+def plan_batches(
+    lengths: np.ndarray, batch_size: int | None = None, max_tokens: int = CPU_MAX_TOKENS, max_batch: int = MAX_BATCH
+) -> list[np.ndarray]:
+    """Longest-first batches of original indices.
+
+    A fixed ``batch_size`` gives batches of that many texts; otherwise each batch holds
+    as many texts as fit in ``max_tokens`` padded tokens (at most ``max_batch``), so short
+    sentences travel in big batches and long ones in small ones.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches = []
+    i, n = 0, len(order)
+    while i < n:
+        size = batch_size or max(1, min(max_batch, max_tokens // max(1, int(lengths[order[i]]))))
+        batches.append(order[i : i + size])
+        i += size
+    return batches
+
+
+def collate(tok: Tokenized, idx: np.ndarray, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad the texts ``idx`` to their longest member and move them to ``device``."""
+    lengths = tok.lengths[idx]
+    width = int(lengths.max())
+    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+    special = np.ones((len(idx), width), dtype=bool)
+    types = np.zeros((len(idx), width), dtype=np.int64) if tok.token_type_ids is not None else None
+    for row, i in enumerate(idx):
+        n = lengths[row]
+        ids[row, :n] = tok.input_ids[i]
+        special[row, :n] = tok.special[i]
+        if types is not None:
+            types[row, :n] = tok.token_type_ids[i]
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    batch = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        "special_tokens_mask": torch.from_numpy(special),
+    }
+    if types is not None:
+        batch["token_type_ids"] = torch.from_numpy(types)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def hidden_states(backbone: Backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """One frozen forward pass returning all L+1 hidden states (layer 0 = embeddings)."""
+    inputs = {k: v for k, v in batch.items() if k in backbone.input_names}
+    with torch.inference_mode():
+        out = backbone.model(**inputs, output_hidden_states=True, return_dict=True)
+    hs = out.hidden_states
+    if hs is None or len(hs) != backbone.n_layers:
+        raise ProbekitError(
+            f"{backbone.name}: expected {backbone.n_layers} hidden states, got {0 if hs is None else len(hs)}"
+        )
+    return hs
+
+
+def pool_layers(
+    hs: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    special_mask: torch.Tensor,
+    pool: str,
+    include_special: bool = True,
+) -> torch.Tensor:
+    """Pool each layer in float32: [B, L+1, D] for mean/cls, [T, L+1, D] real tokens for tokens."""
+    if pool == "cls":
+        return torch.stack([h[:, 0].float() for h in hs], dim=1)
+    real = attention_mask.bool()
+    if pool == "tokens":
+        return torch.stack([h[real].float() for h in hs], dim=1)
+    if pool != "mean":
+        raise ProbekitError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
+    keep = real if include_special else real & ~special_mask
+    weight = keep.unsqueeze(-1).float()
+    denom = weight.sum(1).clamp(min=1.0)
+    return torch.stack([(h.float() * weight).sum(1) / denom for h in hs], dim=1)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class Runner:
+    """Runs planned batches, halving a batch that does not fit in memory."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        tok: Tokenized,
+        pool: str,
+        include_special: bool,
+        storage: torch.dtype,
+        timings: Timings,
+    ) -> None:
+        self.backbone, self.tok, self.pool = backbone, tok, pool
+        self.include_special, self.storage, self.timings = include_special, storage, timings
+        self.pad_id = int(backbone.tokenizer.pad_token_id)
+        self.sync = backbone.device.type == "cuda"
+
+    def __call__(self, idx: np.ndarray) -> torch.Tensor:
+        try:
+            return self._run(idx)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e) or len(idx) == 1:
+                raise
+        if self.sync:
+            torch.cuda.empty_cache()
+        half = len(idx) // 2
+        return torch.cat([self(idx[:half]), self(idx[half:])])
+
+    def _run(self, idx: np.ndarray) -> torch.Tensor:
+        t0 = time.perf_counter()
+        batch = collate(self.tok, idx, self.pad_id, self.backbone.device)
+        hs = hidden_states(self.backbone, batch)
+        if self.sync:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        pooled = pool_layers(hs, batch["attention_mask"], batch["special_tokens_mask"], self.pool, self.include_special)
+        out = pooled.to("cpu", self.storage)
+        t2 = time.perf_counter()
+        self.timings.forward += t1 - t0
+        self.timings.pool += t2 - t1
+        return out
+
+
+def default_max_tokens(device: torch.device) -> int:
+    return GPU_MAX_TOKENS if device.type == "cuda" else CPU_MAX_TOKENS
+
+
+def parse_batch_size(batch_size: int | str | None) -> int | None:
+    if batch_size in (None, "auto"):
+        return None
+    try:
+        value = int(batch_size)
+    except (TypeError, ValueError):
+        raise ProbekitError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}") from None
+    if value < 1:
+        raise ProbekitError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
+    return value
+
+
+def encode(
+    backbone: Backbone,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None = None,
+    pool: str = "mean",
+    max_length: int = 128,
+    batch_size: int | str | None = "auto",
+    include_special: bool = True,
+    progress: bool = False,
+) -> np.ndarray:
+    """Features of ``texts`` in their original order, in memory: [N, L+1, D] float32.
+
+    For notebooks and small jobs; ``extract`` is the cached, resumable version.
+    Token-level pooling returns the real tokens of all texts concatenated ([T, L+1, D]).
+    """
+    tok = tokenize(backbone.tokenizer, texts, text_pairs, max_length)
+    batches = plan_batches(tok.lengths, parse_batch_size(batch_size), default_max_tokens(backbone.device))
+    run = Runner(backbone, tok, pool, include_special, torch.float32, Timings())
+    place = Placement(np.arange(len(texts)), tok.lengths if pool == "tokens" else None)
+    out = np.empty((place.n_rows, backbone.n_layers, backbone.hidden_size), np.float32)
+    for idx in tqdm(batches, disable=not progress, unit="batch"):
+        place.put(out, run(idx).numpy(), idx)
+    return out
+
+
+class Placement:
+    """Where each text's features go in an output array.
+
+    ``order`` lists the texts (original indices) the array holds, in its row order: all of
+    them for a cache, a rank's share for a shard. Pooled features take one row per text;
+    token-level features (``lengths`` given) take ``lengths[i]`` consecutive rows.
+    """
+
+    def __init__(self, order: np.ndarray, lengths: np.ndarray | None = None, n_total: int | None = None) -> None:
+        self.order = np.asarray(order, dtype=np.int64)
+        n_total = int(n_total if n_total is not None else (self.order.max() + 1 if len(self.order) else 0))
+        self.pos = np.full(n_total, -1, dtype=np.int64)
+        self.pos[self.order] = np.arange(len(self.order))
+        self.lengths = lengths
+        self.offsets = np.concatenate([[0], np.cumsum(lengths[self.order])]) if lengths is not None else None
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1]) if self.offsets is not None else len(self.order)
+
+    def put(self, out: np.ndarray, feats: np.ndarray, idx: np.ndarray) -> None:
+        """Write the features of texts ``idx`` (rows of ``feats`` in ``idx`` order) into ``out``."""
+        if self.offsets is None:
+            out[self.pos[idx]] = feats
+            return
+        row = 0
+        for i in idx:
+            start, n = int(self.offsets[self.pos[i]]), int(self.lengths[i])
+            out[start : start + n] = feats[row : row + n]
+            row += n
+
+    def rows(self, idx: np.ndarray) -> int:
+        """How many rows the texts ``idx`` take."""
+        return len(idx) if self.lengths is None else int(self.lengths[idx].sum())
