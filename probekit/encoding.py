@@ -122,10 +122,20 @@ def collate(tok: Tokenized, idx: np.ndarray, pad_id: int, device: torch.device) 
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def hidden_states(backbone: Backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """One frozen forward pass returning all L+1 hidden states (layer 0 = embeddings)."""
+def hidden_states(
+    backbone: Backbone, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """One frozen forward pass returning all L+1 hidden states (layer 0 = embeddings).
+
+    With ``inputs_embeds`` the model reads those word embeddings instead of ``input_ids``
+    (positions and token types are still added). ``no_grad`` rather than inference mode,
+    so trainable probes (the MLM heads) can use the states as inputs.
+    """
     inputs = {k: v for k, v in batch.items() if k in backbone.input_names}
-    with torch.inference_mode():
+    if inputs_embeds is not None:
+        inputs.pop("input_ids")
+        inputs["inputs_embeds"] = inputs_embeds
+    with torch.no_grad():
         out = backbone.model(**inputs, output_hidden_states=True, return_dict=True)
     hs = out.hidden_states
     if hs is None or len(hs) != backbone.n_layers:

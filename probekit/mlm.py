@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from probekit.backbone import Backbone, load_backbone
 from probekit.data.corpus import read_corpus, split_passages, window_passages
-from probekit.encoding import Tokenized, collate, plan_batches
+from probekit.encoding import Tokenized, collate, hidden_states, plan_batches
 from probekit.errors import ProbekitError
 from probekit.io import atomic_path, sha256_json, write_json
 from probekit.results import save_results, tidy
@@ -208,24 +208,6 @@ def streaming_topk(t: torch.Tensor, bias: torch.Tensor, decoder: torch.Tensor, k
 # ---------------------------------------------------------------- the probe
 
 
-def encoder_forward(
-    backbone: Backbone, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
-    """One frozen forward pass (from ``inputs_embeds`` when given) returning all L+1 hidden states."""
-    inputs = {k: v for k, v in batch.items() if k in backbone.input_names}
-    if inputs_embeds is not None:
-        inputs.pop("input_ids")
-        inputs["inputs_embeds"] = inputs_embeds
-    with torch.no_grad():  # not inference_mode: the heads' autograd keeps these tensors
-        out = backbone.model(**inputs, output_hidden_states=True, return_dict=True)
-    hs = out.hidden_states
-    if hs is None or len(hs) != backbone.n_layers:
-        raise ProbekitError(
-            f"{backbone.name}: expected {backbone.n_layers} hidden states, got {0 if hs is None else len(hs)}"
-        )
-    return hs
-
-
 def _windows(backbone: Backbone, texts: Sequence[str] | Tokenized, max_length: int) -> Tokenized:
     return texts if isinstance(texts, Tokenized) else window_passages(backbone.tokenizer, texts, max_length)
 
@@ -368,7 +350,7 @@ class MLMHeadProbe:
             inputs, chosen = embedding_dropout(
                 clean, candidates, self.mask_ratio, self.dropout_ratio, _generator(self.seed, step, 1)
             )
-            hs = encoder_forward(backbone, batch, inputs)
+            hs = hidden_states(backbone, batch, inputs)
             h = torch.stack([hs[i][chosen] for i in self.layers_]).float()
             targets = batch["input_ids"][chosen]
             _sync(dev)
@@ -479,7 +461,7 @@ class MLMHeadProbe:
                 inputs, positions = embedding_dropout(
                     emb(batch["input_ids"]), positions, *corrupt, generator=_generator(self.seed, b, 2)
                 )
-            hs = encoder_forward(backbone, batch, inputs)
+            hs = hidden_states(backbone, batch, inputs)
             h_all = torch.stack([hs[i][positions] for i in self.layers_])
             targets_all = batch["input_ids"][positions]
             for r in range(0, len(targets_all), EVAL_ROWS):

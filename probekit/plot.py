@@ -584,7 +584,7 @@ def mlm_curves(results: pd.DataFrame, *, col_wrap: int = 4) -> Figure:
         ["task"],
         ["model"],
         "metric",
-        "MLM-head probe: masked-token accuracy when the pre-trained MLM head reads each layer",
+        "MLM-head probe: accuracy of a head trained on each layer at naming the (unmasked) input token",
         "layer",
         col_wrap,
     )

