@@ -68,18 +68,20 @@ def destroy_process_group() -> None:
         tdist.destroy_process_group()
 
 
-def assign_batches(costs: list[tuple[str, int, float]], world_size: int) -> list[list[tuple[str, int]]]:
-    """Balance ``(split, batch, cost)`` items over ranks: longest-processing-time-first.
-
-    Each item goes to the rank with the least work so far, largest items first, so no
-    rank is left holding all the long sentences. Deterministic: ties break by rank, and
-    each rank's items come back in plan order.
-    """
+def balance(costs: list[float], world_size: int) -> list[list[int]]:
+    """Split items over ranks, longest-processing-time first: each item (largest first) goes to
+    the rank with the least work so far. Deterministic: ties go to the lower rank, and each
+    rank's item indices come back in ascending order."""
     load = np.zeros(world_size)
-    shares: list[list[tuple[str, int]]] = [[] for _ in range(world_size)]
-    for split, b, cost in sorted(costs, key=lambda c: -c[2]):
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = int(np.argmin(load))
-        load[r] += cost
-        shares[r].append((split, b))
-    split_order = {s: i for i, s in enumerate(dict.fromkeys(c[0] for c in costs))}
-    return [sorted(s, key=lambda item: (split_order[item[0]], item[1])) for s in shares]
+        load[r] += costs[i]
+        shares[r].append(i)
+    return [sorted(s) for s in shares]
+
+
+def assign_batches(costs: list[tuple[str, int, float]], world_size: int) -> list[list[tuple[str, int]]]:
+    """Balance ``(split, batch, cost)`` items of a batch plan over ranks (see :func:`balance`),
+    so no rank is left holding all the long sentences; each share comes back in plan order."""
+    return [[costs[i][:2] for i in share] for share in balance([c[2] for c in costs], world_size)]

@@ -126,3 +126,21 @@ def test_assignment_balances_length() -> None:
     assert sorted(b for share in shares for _, b in share) == list(range(8))
     assert abs(loads[0] - loads[1]) <= 10
     assert all(share == sorted(share) for share in shares)
+
+
+def test_probe_spreads_caches_over_ranks(tiny_model: Path, tmp_path: Path) -> None:
+    from probekit import load_results, probe
+    from tests.helpers import toy_senteval
+
+    tasks = [toy_senteval(tmp_path / f"task{i}.txt", n=(60, 20, 20), seed=i) for i in range(3)]
+    extract(tiny_model, tasks, tmp_path / "caches", name="tiny", progress=False)
+    single = probe(tmp_path / "caches", progress=False)
+    torchrun(2, ["-m", "probekit", "probe", str(tmp_path / "caches"), "--out", str(tmp_path / "res"), "--quiet"])
+    multi = load_results(tmp_path / "res")
+    key = ["task", "layer", "split", "metric", "seed"]
+    a = single.sort_values(key).reset_index(drop=True)
+    b = multi.sort_values(key).reset_index(drop=True)
+    assert len(b) == len(a) and set(b["task"]) == {"task0", "task1", "task2"}
+    assert (a[key] == b[key]).all().all()
+    assert (a["value"] - b["value"]).abs().max() < 1e-9  # same fits, whichever rank ran them
+    assert not (tmp_path / "res" / ".parts").exists()

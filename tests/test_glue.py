@@ -401,7 +401,7 @@ def test_fetch_glue_rejects_a_bad_checksum(mirror: tuple[Path, str, list[str]], 
     with pytest.raises(ProbekitError, match="CoLA.zip: checksum mismatch"):
         fetch("glue", dest=dest, tasks=["cola"], base_url=url, checksums={"CoLA.zip": "0" * 64}, progress=False)
     assert not (dest / "glue" / "CoLA").exists()
-    with pytest.raises(ProbekitError, match="is not a GLUE task"):
+    with pytest.raises(ProbekitError, match="is not in the glue collection"):
         fetch("glue", dest=dest, tasks=["bigram_shift"], base_url=url, progress=False)
 
 

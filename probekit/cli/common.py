@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from probekit.errors import ProbekitError
+
 DataDir = Annotated[
     Path | None,
     typer.Option(
@@ -22,6 +24,16 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 console = Console(stderr=False)
+
+
+def parse_floats(text: str | None, option: str, example: str = "0.25,0.5,1") -> list[float] | None:
+    """A comma-separated list of numbers (``None`` when not given), or a one-line user error."""
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ProbekitError(f"{option} takes comma-separated numbers (e.g. {example}), got {text!r}") from None
 
 
 def print_table(rows: list[dict[str, object]], title: str | None = None) -> None:

@@ -9,9 +9,8 @@ from typing import Annotated
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Quiet, print_table
+from probekit.cli.common import DataDir, Device, Quiet, parse_floats, print_table
 from probekit.cli.extract import DType
-from probekit.errors import ProbekitError
 from probekit.mlm import DEFAULT_DROPOUT_RATIO, DEFAULT_MASK_RATIO
 
 
@@ -20,15 +19,6 @@ class CorpusFormat(StrEnum):
     squad = "squad"
     text = "text"
     task = "task"
-
-
-def _ratios(text: str | None, option: str) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ProbekitError(f"{option} takes comma-separated numbers (e.g. 0.3,0.5,1), got {text!r}") from None
 
 
 @app.command("mlm-probe")
@@ -98,8 +88,8 @@ def mlm_probe(
         max_length=max_length,
         heldout=heldout,
         seed=seed,
-        sweep_mask_ratios=_ratios(sweep_mask_ratios, "--sweep-mask-ratios"),
-        sweep_dropout_ratios=_ratios(sweep_dropout_ratios, "--sweep-dropout-ratios"),
+        sweep_mask_ratios=parse_floats(sweep_mask_ratios, "--sweep-mask-ratios", "0.15,0.3"),
+        sweep_dropout_ratios=parse_floats(sweep_dropout_ratios, "--sweep-dropout-ratios", "0.3,0.6,1"),
         sweep_steps=sweep_steps,
         corpus_format=corpus_format.value,
         data_dir=data_dir,

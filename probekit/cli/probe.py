@@ -9,22 +9,12 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import Device, Quiet, console, print_table
-from probekit.errors import ProbekitError
+from probekit.cli.common import Device, Quiet, console, parse_floats, print_table
 
 
 class Kind(StrEnum):
     linear = "linear"
     mlp = "mlp"
-
-
-def _grid(text: str | None) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ProbekitError(f"--grid takes comma-separated numbers (e.g. 0.25,0.5,1,2,4,8), got {text!r}") from None
 
 
 @app.command()
@@ -70,12 +60,16 @@ def probe(
         kind=kind.value,
         seeds=seeds,
         device=device,
-        grid=_grid(grid),
+        grid=parse_floats(grid, "--grid", "0.25,0.5,1,2,4,8"),
         control=control,
         out=out,
         resume=resume,
         progress=not quiet,
         **options,
     )
+    from probekit.distributed import dist_info
+
+    if not dist_info().is_main:
+        return
     print_table(layer_table(results), title=table_title(results))
     console.print(f"results: {out}")

@@ -141,11 +141,16 @@ def fetch_senteval(
     progress: bool,
 ) -> list[Path]:
     """Download the SentEval probing files into ``dest/senteval/probing/``."""
-    chosen: list[Task] = [get_task(t) for t in tasks] if tasks else list_tasks("senteval")
+    return [_fetch_file(t, dest, base_url, checksums, force, progress) for t in chosen_tasks("senteval", tasks)]
+
+
+def chosen_tasks(collection: str, tasks: Sequence[str] | None) -> list[Task]:
+    """The named tasks (all of the collection by default), refusing tasks of another collection."""
+    chosen = [get_task(t) for t in tasks] if tasks else list_tasks(collection)
     for t in chosen:
-        if t.collection != "senteval":
-            raise ProbekitError(f"task {t.name!r} is not a SentEval task")
-    return [_fetch_file(t, dest, base_url, checksums, force, progress) for t in chosen]
+        if t.collection != collection:
+            raise ProbekitError(f"task {t.name!r} is not in the {collection} collection")
+    return chosen
 
 
 def _fetch_file(

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from probekit.data.fetch import SUMS, download, read_sums, register_fetcher, write_sums
-from probekit.data.registry import Task, get_task, list_tasks, register_reader
+from probekit.data.fetch import SUMS, chosen_tasks, download, read_sums, register_fetcher, write_sums
+from probekit.data.registry import Task, list_tasks, register_reader
 from probekit.data.senteval import decode_lines
 from probekit.data.types import Split, TaskData
 from probekit.errors import DataError, ProbekitError
@@ -178,10 +178,7 @@ def fetch_glue(
     progress: bool,
 ) -> list[Path]:
     """Download the official GLUE files into ``dest/glue/<TASK>/`` (zips are extracted atomically)."""
-    chosen: list[Task] = [get_task(t) for t in tasks] if tasks else list_tasks("glue")
-    for t in chosen:
-        if t.collection != "glue":
-            raise ProbekitError(f"task {t.name!r} is not a GLUE task")
+    chosen = chosen_tasks("glue", tasks)
     done: dict[str, Path] = {}
     for t in chosen:
         if t.relpath in done:  # mnli and mnli_mm share one folder

@@ -105,6 +105,13 @@ def get_task(name_or_path: str | Path) -> Task:
     )
 
 
+def short_name(name: str) -> str:
+    """A registered task's paper name (its first alias, e.g. ``BShift``), else ``name`` itself."""
+    _ensure_loaded()
+    task = _TASKS.get(_LOOKUP.get(_key(name), ""))
+    return task.aliases[0] if task is not None and task.aliases else name
+
+
 def list_tasks(collection: str | None = None) -> list[Task]:
     """Registered tasks, optionally only those of one collection (e.g. ``senteval``)."""
     _ensure_loaded()

@@ -28,12 +28,17 @@ from tqdm.auto import tqdm
 
 from probekit.backbone import resolve_device
 from probekit.cache import LayerCache, find_caches
+from probekit.distributed import balance, barrier, destroy_process_group, dist_info, init_process_group, rank_device
 from probekit.errors import CacheError, ProbekitError
+from probekit.io import remove_tree
 from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, wilson
 from probekit.results import PARQUET, load_results, save_results, tidy
 
 SPLITS = ("train", "dev", "test")
 REPORTED = ("dev", "test")
+PARTS = ".parts"
+"""Under torchrun each rank saves the rows it computed in ``OUT/.parts/``; rank 0 merges them."""
+FIT_KEY = ["cache_key", "probe", "seed", "layer", "split", "metric"]
 
 
 def open_caches(caches: str | Path | LayerCache | Iterable[str | Path | LayerCache]) -> list[LayerCache]:
@@ -128,7 +133,29 @@ def probe(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ProbekitError("--seeds must be at least 1")
-    dev = resolve_device(device)
+    info = dist_info()
+    dev = resolve_device(rank_device(device, info))
+    created = init_process_group(info, dev)
+    try:
+        return _probe(caches, kind, seed_list, dev, grid, control, out, resume, progress, info, options)
+    finally:
+        if created:
+            destroy_process_group()
+
+
+def _probe(
+    caches: Any,
+    kind: str,
+    seed_list: list[int],
+    dev: torch.device,
+    grid: Sequence[float] | None,
+    control: bool,
+    out: str | Path | None,
+    resume: bool,
+    progress: bool,
+    info: Any,
+    options: dict[str, Any],
+) -> pd.DataFrame:
     opened = open_caches(caches)
     manifest_bad = {c.path: check_cache(c) for c in opened}
     template = LayerwiseProbe(kind, grid=grid, device=dev, control=control, **options)
@@ -138,24 +165,29 @@ def probe(
     previous = _previous(out) if out is not None else None
     units = [(c, seed) for c in opened for seed in seed_list]
     others = previous
-    current: list[dict[str, Any]] = []
+    done: list[dict[str, Any]] = []
     todo = units
     if previous is not None:
         this_run = {(c.manifest["key"], kind, seed) for c, seed in units}
         mine = np.array([k in this_run for k in _keys(previous)], dtype=bool)
         others = previous[~mine]
         if resume:
-            done = previous[mine & (previous["settings"] == settings_json).to_numpy()]
-            done_keys = set(_keys(done))
-            current = done.to_dict("records")
+            finished = previous[mine & (previous["settings"] == settings_json).to_numpy()]
+            done_keys = set(_keys(finished))
+            done = finished.to_dict("records")
             todo = [(c, s) for c, s in units if (c.manifest["key"], kind, s) not in done_keys]
     kept = [] if others is None else others.to_dict("records")
+    if info.distributed:  # each rank takes a size-balanced share of the fits
+        barrier()  # every rank has read OUT before any rank writes to it
+        costs = [float(c.n_layers * c.hidden_size * sum(c.manifest["splits"][s]["n"] for s in SPLITS)) for c, _ in todo]
+        todo = [todo[i] for i in balance(costs, info.world_size)[info.rank]]
 
-    bar = tqdm(total=len(todo), unit="fit", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="fit", disable=not progress or not info.is_main, dynamic_ncols=True)
 
     def step(it: int, running: int) -> None:
         bar.set_postfix_str(f"{step_name} {it}, {running} running", refresh=False)
 
+    new: list[dict[str, Any]] = []
     loaded: Path | None = None
     feats: dict[str, torch.Tensor] = {}
     layers: list[int] = []
@@ -174,12 +206,26 @@ def probe(
                 f"the limit before converging; raise {lp.estimator_.limit_option}",
                 stacklevel=2,
             )
-        current.extend(result_rows(lp, c, feats, settings_json))
+        new.extend(result_rows(lp, c, feats, settings_json))
         bar.update(1)
-        if out is not None:
-            save_results(tidy(kept + current), out)
+        if out is not None and info.distributed:
+            save_results(tidy(new), Path(out) / PARTS / f"r{info.rank}")
+        elif out is not None:
+            save_results(tidy(kept + done + new), out)
     bar.close()
-    return tidy(current)
+    if not info.distributed:
+        return tidy(done + new)
+    barrier()
+    merged = tidy(done + new)
+    if info.is_main:
+        parts = sorted((Path(out) / PARTS).glob(f"r*/{PARQUET}")) if out is not None else []
+        frames = [tidy(done + new)] + [load_results(p) for p in parts if p.parent.name != f"r{info.rank}"]
+        merged = _dedupe(pd.concat(frames, ignore_index=True))
+        if out is not None:
+            save_results(tidy(kept + merged.to_dict("records")), out)
+            remove_tree(Path(out) / PARTS)
+    barrier()
+    return merged
 
 
 def result_rows(
@@ -246,10 +292,22 @@ def _scan(cache: LayerCache, feats: dict[str, torch.Tensor]) -> set[int]:
 
 
 def _previous(out: str | Path) -> pd.DataFrame | None:
+    """Rows already in OUT, with those of ranks of an interrupted distributed run."""
     path = Path(out)
-    if not (path / PARQUET).is_file():
+    files = [path / PARQUET] if (path / PARQUET).is_file() else []
+    files += sorted((path / PARTS).glob(f"r*/{PARQUET}"))
+    if not files:
         return None
-    return load_results(path / PARQUET)
+    return _dedupe(load_results(files))
+
+
+def _dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per probe fit, layer, split and metric (the latest); other sources untouched."""
+    if "cache_key" not in df.columns:
+        return df
+    is_probe = (df["source"] == "probe").to_numpy()
+    probes = df[is_probe].drop_duplicates(FIT_KEY, keep="last")
+    return tidy(pd.concat([df[~is_probe], probes], ignore_index=True).to_dict("records"))
 
 
 def _keys(df: pd.DataFrame) -> list[tuple[Any, Any, Any]]:

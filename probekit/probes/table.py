@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from probekit.data.registry import short_name
+
 
 def _cell(values: pd.Series) -> str:
     mean = 100 * values.mean()
@@ -15,17 +17,19 @@ def _cell(values: pd.Series) -> str:
 
 def layer_table(results: pd.DataFrame, split: str = "test") -> list[dict[str, str]]:
     """Rows (one per layer, then ``majority``) of ``probe / control`` accuracy in percent per
-    task column (``model/task`` when there are several models); mean±sd over seeds."""
+    task column (the paper's short task names; ``model/task`` when there are several models);
+    mean±sd over seeds."""
     rows = results[(results["source"] == "probe") & (results["split"] == split)]
     several = rows["model"].nunique() > 1
-    rows = rows.assign(column=rows["model"] + "/" + rows["task"] if several else rows["task"])
+    task = rows["task"].map(short_name)
+    rows = rows.assign(column=rows["model"] + "/" + task if several else task)
     columns = list(dict.fromkeys(rows["column"]))
     table: dict[int, dict[str, str]] = {}
     for (column, layer), group in rows.groupby(["column", "layer"], sort=True):
         by_metric = {m: g["value"] for m, g in group.groupby("metric")}
         cell = _cell(by_metric["acc"]) if "acc" in by_metric else "-"
         if "control_acc" in by_metric:
-            cell += f" / {_cell(by_metric['control_acc'])}"
+            cell += f"/{_cell(by_metric['control_acc'])}"
         table.setdefault(int(layer), {"layer": str(int(layer))})[column] = cell
     out = [{"layer": r["layer"], **{c: r.get(c, "-") for c in columns}} for _, r in sorted(table.items())]
     majority = {
