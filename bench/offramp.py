@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from probekit.backbone import load_backbone  # noqa: E402
+from probekit.cpu import cpu_threads  # noqa: E402
 from probekit.data import load_task  # noqa: E402
 from probekit.encoding import tokenize  # noqa: E402
 from probekit.offramp import OffRamps, make_policy  # noqa: E402
-from probekit.offramp.cpu import threads  # noqa: E402
 from probekit.offramp.inference import measure, warm_up  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main() -> None:
         f"{args.threads} thread(s), best of {args.repeats}"
     )
     print(f"{'exit layer':>10} {'expected':>9} {'batch 1':>9} {'batched':>9} {'t_full b1 (s)':>14}")
-    with threads(args.threads):
+    with cpu_threads(args.threads):
         warm_up(bb.model, heads, tok, pad, (1, args.batch_size))
         for k in range(1, n_layers + 1):
             one, many = (

@@ -22,11 +22,17 @@ from probekit.cache import LayerCache, find_caches
 from probekit.data import get_task, list_tasks, load_task
 from probekit.errors import ProbekitError
 from probekit.extraction import encode, extract
+from probekit.mlm import MLMHeadProbe, mlm_probe
+from probekit.offramp import run_offramp as run_offramp
+from probekit.probes import LayerwiseProbe, probe
 from probekit.results import load_results, save_results
+from probekit.suite import run_suite as run_suite
 
 __all__ = [
     "Backbone",
     "LayerCache",
+    "LayerwiseProbe",
+    "MLMHeadProbe",
     "ProbekitError",
     "__version__",
     "encode",
@@ -37,5 +43,7 @@ __all__ = [
     "load_backbone",
     "load_results",
     "load_task",
+    "mlm_probe",
+    "probe",
     "save_results",
 ]

@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 
 from probekit import load_backbone, load_results
 from probekit.cli import app
+from probekit.cpu import cpu_threads
 from probekit.encoding import encode, tokenize
 from probekit.errors import ProbekitError
 from probekit.offramp import LayerStepper, OffRamps, TrainConfig, early_exit, make_policy, run_offramp, simulate
 from probekit.offramp import train as train_mod
-from probekit.offramp.cpu import threads
 from probekit.offramp.heads import record
 from probekit.offramp.policies import Policy
 from probekit.offramp.train import deebert_stage2, finetune, trainable_copy
@@ -39,7 +39,7 @@ from tests.helpers import make_tiny_bert, random_sentence
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():  # type: ignore[no-untyped-def]
     """Tiny models: a single CPU thread is faster, and far faster on a busy machine."""
-    with threads(1):
+    with cpu_threads(1):
         yield
 
 

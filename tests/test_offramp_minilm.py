@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from probekit import load_results
 from probekit.cli import app
+from probekit.cpu import cpu_threads
 from probekit.offramp import run_offramp
-from probekit.offramp.cpu import threads
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():  # type: ignore[no-untyped-def]
     """One CPU thread: on a busy shared machine, far faster than two that wait for each other."""
-    with threads(1):
+    with cpu_threads(1):
         yield
 
 

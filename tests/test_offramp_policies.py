@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from probekit.cpu import cpu_threads
 from probekit.errors import ProbekitError
 from probekit.offramp import expected_saving, make_policy, simulate, sweep
-from probekit.offramp.cpu import threads
 from probekit.offramp.heads import Record
 from probekit.offramp.policies import (
     PolicyConfig,
@@ -28,7 +28,7 @@ from probekit.offramp.policies import (
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():  # type: ignore[no-untyped-def]
     """Tiny models: a single CPU thread is faster, and far faster on a busy machine."""
-    with threads(1):
+    with cpu_threads(1):
         yield
 
 

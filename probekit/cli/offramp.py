@@ -96,7 +96,7 @@ def offramp(
         cache_dir=cache_dir,
         trust_remote_code=trust_remote_code,
         seed=seed,
-        cpu_threads=threads or None,
+        threads=threads or None,
         progress=not quiet,
     )
     df = run.results

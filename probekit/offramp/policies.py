@@ -42,8 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from probekit import metrics as M
+from probekit.cpu import cpu_threads
 from probekit.errors import ProbekitError
-from probekit.offramp.cpu import threads
 from probekit.offramp.heads import Record
 
 State = dict[str, torch.Tensor]
@@ -133,7 +133,7 @@ def _zero_linear(dim: int) -> nn.Linear:
 def _train(module: nn.Module, loss_fn: Any, n: int, cfg: PolicyConfig, desc: str, progress: bool) -> list[float]:
     """Adam over shuffled mini-batches of ``n`` samples; ``loss_fn(idx)`` gives a batch's loss (single-threaded:
     the modules are tiny)."""
-    with threads(1):
+    with cpu_threads(1):
         return _train_loop(module, loss_fn, n, cfg, desc, progress)
 
 

@@ -35,13 +35,13 @@ from tqdm.auto import tqdm
 
 from probekit import metrics as M
 from probekit.backbone import Backbone, load_backbone
+from probekit.cpu import cpu_threads
 from probekit.data import Split, Task, TaskData, load_task
 from probekit.encoding import encode, tokenize
 from probekit.errors import ProbekitError
 from probekit.extraction import extract_task
 from probekit.io import atomic_path, write_json
 from probekit.offramp import inference, policies
-from probekit.offramp.cpu import threads
 from probekit.offramp.heads import OffRamps, Record, record
 from probekit.offramp.policies import Policy, PolicyConfig, SweepPoint
 from probekit.offramp.train import MODES, TrainConfig, deebert_stage2, finetune, fit_heads, trainable_copy
@@ -213,17 +213,17 @@ def run_offramp(
     unseen_labels: str = "error",
     trust_remote_code: bool = False,
     seed: int = 0,
-    cpu_threads: int | None = None,
+    threads: int | None = None,
     progress: bool = True,
 ) -> OffRampRun:
     """Off-ramps at every layer of ``model`` on ``task``, exit policies, and measured early exit.
 
     What ``probekit offramp`` runs; see the module docstring for the steps. ``seed`` sets the
     subsampling, initialisation and training order (it overrides ``train.seed``/``policy.seed``);
-    ``cpu_threads`` the CPU threads of the whole run (default: torch's; on a busy shared CPU, 1 is
+    ``threads`` the CPU threads of the whole run (default: torch's; on a busy shared CPU, 1 is
     often much faster).
     """
-    with threads(cpu_threads):
+    with cpu_threads(threads):
         started = time.perf_counter()
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +274,7 @@ def run_offramp(
         timed: dict[str, dict[str, Any]] = {}
         if measure:
             t0 = time.perf_counter()
-            with threads(measure_threads):
+            with cpu_threads(measure_threads):
                 timed = _measure_all(
                     backbone,
                     encoder,
