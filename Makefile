@@ -38,8 +38,13 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check probekit tests bench
 
+# Each benchmark times probekit against a baseline (naive HF loop, per-layer scikit-learn, one pass
+# per head, full inference) in one process on the same data and prints the ratio (README: Benchmarks).
 bench: setup
 	$(PY) bench/extract.py
+	$(PY) bench/probe.py
+	$(PY) bench/mlm.py
+	$(PY) bench/offramp.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -44,7 +44,7 @@ from probekit.results import save_results, tidy
 
 DEFAULT_MASK_RATIO = 0.15
 DEFAULT_DROPOUT_RATIO = 0.3
-"""The best of 0.3 / 0.6 / 1.0 in a small sweep on MiniLM (notes/mlm.md); the paper tuned it per model."""
+"""The best of 0.3 / 0.6 / 1.0 in a small sweep on MiniLM (README, MLM-head probes); the paper tuned it per model."""
 REFERENCE_CORRUPTION = (0.15, 1.0)
 """The masked task every sweep setting is also scored on: 15% of tokens, fully dropped."""
 LOGITS_BUDGET = 1 << 24

@@ -20,6 +20,7 @@ DataDir = Annotated[
         show_default=False,
     ),
 ]
+Model = Annotated[str, typer.Option("--model", "-m", help="Hugging Face model id or local checkpoint folder.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Quiet, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
 
 
 class Pool(StrEnum):
@@ -37,7 +37,7 @@ class Unseen(StrEnum):
 
 @app.command()
 def extract(
-    model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face model id or local checkpoint folder.")],
+    model: Model,
     task: Annotated[list[str], typer.Option("--task", "-t", help="Task name, alias or SentEval-format file; repeat.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache root; caches go to OUT/<model>/<task>-...")],
     pool: Annotated[Pool, typer.Option(help="mean (mask-aware), cls, or tokens (token-level).")] = Pool.mean,

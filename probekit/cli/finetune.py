@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Quiet, print_table
+from probekit.cli.common import DataDir, Model, Quiet, print_table
 from probekit.finetune.variants import MLM_WARMUP_STEPS
 
 
@@ -41,7 +41,7 @@ class FtDevice(StrEnum):
 
 @app.command()
 def finetune(
-    model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face model id or local checkpoint folder.")],
+    model: Model,
     task: Annotated[
         list[str], typer.Option("--task", "-t", help="GLUE task (cola, rte, sst2, mrpc, stsb...); repeat.")
     ],

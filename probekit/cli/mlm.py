@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Quiet, parse_floats, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, parse_floats, print_table
 from probekit.cli.extract import DType
 from probekit.mlm import DEFAULT_DROPOUT_RATIO, DEFAULT_MASK_RATIO
 
@@ -23,7 +23,7 @@ class CorpusFormat(StrEnum):
 
 @app.command("mlm-probe")
 def mlm_probe(
-    model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face model id or local checkpoint folder.")],
+    model: Model,
     corpus: Annotated[
         list[str],
         typer.Option("--corpus", "-c", help="SQuAD v1.1 JSON, text file (one passage per line) or task name; repeat."),

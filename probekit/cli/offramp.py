@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Quiet, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
 
 
 class Mode(StrEnum):
@@ -20,7 +20,7 @@ class Mode(StrEnum):
 
 @app.command()
 def offramp(
-    model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face model id or local checkpoint folder.")],
+    model: Model,
     task: Annotated[str, typer.Option("--task", "-t", help="Task name or alias (e.g. sst2, cola, mrpc, stsb).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (results.parquet/csv, offramps.pt, ...).")],
     mode: Annotated[
