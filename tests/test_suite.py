@@ -149,3 +149,37 @@ def test_cli_run(tiny_model: Path, tmp_path: Path) -> None:
     assert result.output.startswith(f"error: {path}: unknown key 'seedz'")
     result = runner.invoke(app, ["run", str(tmp_path / "missing.toml")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+PROBING_SUITE = """
+name = "tiny_probing"
+out = "runs/probing"
+
+[model]
+name = "tiny"
+path = "{model}"
+
+[probe]
+tasks = ["toy_a.txt", "toy_b.txt"]
+max_length = 32
+"""
+
+
+def test_probing_suite_without_finetuning(tiny_model: Path, tmp_path: Path) -> None:
+    path = write_suite(tmp_path, tiny_model, PROBING_SUITE)
+    run = run_suite(path, progress=False)
+    assert statuses(run) == {
+        ("extract", "tiny"): "ran",
+        ("probe", "tiny"): "ran",
+        ("report", str(tmp_path / "runs" / "probing" / "report")): "ran",
+    }
+    results = load_results(tmp_path / "runs" / "probing" / "results" / "tiny")
+    assert set(results["task"]) == {"toy_a", "toy_b"} and sorted(results["layer"].unique()) == [0, 1, 2]
+    report = tmp_path / "runs" / "probing" / "report"
+    assert (report / "figures" / "heatmap.png").is_file() and not (report / "deltas.csv").exists()
+    assert set(statuses(run_suite(path, progress=False)).values()) == {"skipped"}
+
+    # a [compare] table needs the [finetune] settings
+    path.write_text(path.read_text() + '\n[compare]\nvariants = ["drop-layers"]\ndrop = 1\n')
+    with pytest.raises(DataError, match=r"\[compare\] needs a \[finetune\] table"):
+        load_suite(path)
