@@ -146,7 +146,7 @@ def test_chunked_loss_gradients_and_topk_equal_direct_computation(monkeypatch: p
     decoder = torch.randn(1000, 8, dtype=torch.float64, generator=g)
     targets = torch.randint(0, 1000, (10,), generator=g)
     weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    assert mlm.vocab_chunk(3, 10, 1000) < 1000
+    assert mlm.vocab_chunk(3, 10, 1000) < 1000 and mlm.vocab_chunk(3, 10, 1000, torch.device("cpu")) < 1000
 
     loss = tied_cross_entropy(t, bias, decoder, targets)
     (loss * weights).sum().backward()
