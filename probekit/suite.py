@@ -67,7 +67,7 @@ from typing import Any
 
 from probekit.cpu import cpu_threads
 from probekit.errors import DataError, ProbekitError
-from probekit.io import read_json, sha256_file, sha256_json, write_json
+from probekit.io import atomic_path, read_json, sha256_file, sha256_json, write_json
 
 STAMPS = ".suite"
 TIMINGS = "timings.json"
@@ -528,11 +528,12 @@ def _report_step(run: SuiteRun) -> None:
         for suffix in ("csv", "md"):
             src = s.finetune_dir / f"comparison.{suffix}"
             if src.is_file():
-                shutil.copyfile(src, s.report / f"finetune.{suffix}")
+                with atomic_path(s.report / f"finetune.{suffix}") as tmp:
+                    shutil.copyfile(src, tmp)
         write_json(stamp, {"key": key})
-        return str(s.report / "index.html")
+        return str(_shown(s.report / "index.html"))
 
-    _timed(run, "report", str(s.report), work, skip=_stamp_ok(stamp, key, lambda _: [s.report / MARKER]))
+    _timed(run, "report", str(_shown(s.report)), work, skip=_stamp_ok(stamp, key, lambda _: [s.report / MARKER]))
 
 
 def _shown(path: Path) -> Path:
