@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -139,3 +141,8 @@ def serve(root: Path, log: list[tuple[str, str | None]]):  # type: ignore[no-unt
     server = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler.make(root, log))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def run_probekit(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``python -m probekit ARGS`` in a new process, as a user runs it (stdout and stderr captured)."""
+    return subprocess.run([sys.executable, "-m", "probekit", *map(str, args)], capture_output=True, text=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ from typer.testing import CliRunner
 
 from probekit import LayerCache, __version__
 from probekit.cli import app
+from tests.helpers import run_probekit
 
 runner = CliRunner()
 
@@ -37,7 +36,7 @@ def test_help_on_every_command_and_version() -> None:
 
 
 def test_console_script_runs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "probekit", "--version"], capture_output=True, text=True)
+    proc = run_probekit("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("probekit ")
 
 

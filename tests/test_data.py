@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 
 from probekit.data import get_task, list_tasks, load_task, locate
 from probekit.errors import DataError, ProbekitError
-from tests.helpers import write_senteval
+from tests.helpers import run_probekit, write_senteval
 
 NAMES = {
     "sentence_length": "SentLen",
@@ -120,22 +118,7 @@ def test_unseen_labels_can_be_dropped(tmp_path: Path) -> None:
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, tiny_model: Path) -> None:
     path = tmp_path / "bad.txt"
     path.write_text(GOOD.replace("va\t", "xx\t"), encoding="utf-8")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "probekit",
-            "extract",
-            "--model",
-            str(tiny_model),
-            "--task",
-            str(path),
-            "--out",
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_probekit("extract", "--model", tiny_model, "--task", path, "--out", tmp_path / "c")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {path}:2: unknown split tag 'xx' (expected tr, va or te)"
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -7,8 +7,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import subprocess
-import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from probekit import metrics
 from probekit.data import fetch, get_task, list_tasks, load_task
 from probekit.errors import DataError, ProbekitError
+from tests.helpers import run_probekit
 
 # task -> (folder, aliases, metrics)
 TASKS = {
@@ -296,24 +295,8 @@ def test_cli_bad_glue_file_is_one_line_exit_2(tmp_path: Path, tiny_model: Path) 
     write_glue(tmp_path)
     path = tmp_path / "glue" / "WNLI" / "train.tsv"
     path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\t1\n1\ta\tb\n", encoding="utf-8")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "probekit",
-            "extract",
-            "--model",
-            str(tiny_model),
-            "--task",
-            "wnli",
-            "--data-dir",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    args = ["--task", "wnli", "--data-dir", tmp_path, "--out", tmp_path / "c"]
+    proc = run_probekit("extract", "--model", tiny_model, *args)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {path}:3: expected 4 tab-separated columns as the header, found 3"
 

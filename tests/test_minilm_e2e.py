@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,32 +9,14 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from probekit import LayerCache, load_task
+from tests.helpers import run_probekit
 
 
 def test_extract_cli_on_minilm_and_shared_sample(minilm: Path, shared_data: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "probekit",
-            "extract",
-            "--model",
-            str(minilm),
-            "--name",
-            "minilm",
-            "--task",
-            "BShift",
-            "--task",
-            "subj_number",
-            "--data-dir",
-            str(shared_data),
-            "--out",
-            str(tmp_path / "caches"),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_probekit(
+        "extract", "--model", minilm, "--name", "minilm", "--task", "BShift", "--task", "subj_number",
+        "--data-dir", shared_data, "--out", tmp_path / "caches", "--quiet",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     paths = sorted((tmp_path / "caches" / "minilm").iterdir())
     assert [p.name.split("-")[0] for p in paths] == ["bigram_shift", "subj_number"]
