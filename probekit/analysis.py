@@ -287,8 +287,11 @@ def deltas(
 
 def _model_deltas(model: str, rows: pd.DataFrame, base: pd.DataFrame, base_model: str) -> pd.DataFrame:
     keys = ["task", *DATA_IDENTITY, "layer"]
-    for (task, *_), one in rows.groupby(keys[:-1], dropna=False):
-        other = base[(base["task"] == task)]
+    for (task, *ident), one in rows.groupby(keys[:-1], dropna=False):
+        match = same(base["task"], task)
+        for column, value in zip(DATA_IDENTITY, ident, strict=True):
+            match &= same(base[column], value)
+        other = base[match]  # the baseline's rows of this task made with the same probe, pooling and data
         if set(one["layer"]) != set(other["layer"]):
             raise ProbekitError(
                 f"cannot compare {model!r} with baseline {base_model!r} on task {task!r}: layers "

@@ -321,6 +321,13 @@ def test_deltas_refuse_other_layers_seeds_and_bad_baselines():
         analysis.deltas(table({"a": [0.5, 0.6, 0.7]}, model="ft"), pre)
     with pytest.raises(ProbekitError, match="no common probe seed"):
         analysis.deltas(table({}, model="ft", seeds={"a": {5: [0.5, 0.6]}}), pre)
+    # seeds are compared per probe: the baseline's linear seed 1 does not pair with an mlp seed 1
+    pre2 = table({}, model="pre", seeds={"a": {0: [0.5, 0.6], 1: [0.5, 0.6]}})
+    pre2 = pd.concat([pre2, table({"a": [0.5, 0.6]}, model="pre", probe="mlp")])
+    ft2 = table({"a": [0.6, 0.7]}, model="ft")
+    ft2 = pd.concat([ft2, table({}, model="ft", seeds={"a": {1: [0.5, 0.6]}}, probe="mlp")])
+    with pytest.raises(ProbekitError, match="no common probe seed"):
+        analysis.deltas(ft2, pre2)
     with pytest.raises(ProbekitError, match="one model"):
         analysis.deltas(table({"a": [0.5, 0.6]}, model="ft"), pd.concat([pre, table({"a": [0.5, 0.6]}, model="x")]))
     with pytest.raises(ProbekitError, match="share no task"):
