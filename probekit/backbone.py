@@ -7,6 +7,7 @@ can never be mistaken for each other.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -166,20 +167,9 @@ def load_backbone(
     source = str(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    local = Path(source).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ProbekitError(f"--model {source}: expected a checkpoint folder (config.json, weights), got a file")
-        source = str(local.resolve())
-    else:
-        kwargs["local_files_only"] = _hub_offline()
-    try:
-        with _quiet_hub():
-            mdl = AutoModel.from_pretrained(source, **kwargs)
-            tok = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ProbekitError(_load_error(source, local.exists(), e)) from None
+    source = model_source(source)
+    mdl = from_pretrained(AutoModel, source, trust_remote_code=trust_remote_code)
+    tok = from_pretrained(AutoTokenizer, source, trust_remote_code=trust_remote_code)
     revision = getattr(mdl.config, "_commit_hash", None)
     return Backbone(
         model=mdl,
@@ -192,15 +182,42 @@ def load_backbone(
     )
 
 
+def model_source(model: str | Path) -> str:
+    """A local checkpoint folder as an absolute path, or a hub id as given."""
+    local = Path(model).expanduser()
+    if not local.exists():
+        return str(model)
+    if not local.is_dir():
+        raise ProbekitError(f"--model {model}: expected a checkpoint folder (config.json, weights), got a file")
+    return str(local.resolve())
+
+
+def from_pretrained(auto_cls: Any, source: str, **kwargs: Any) -> Any:
+    """``auto_cls.from_pretrained(source, **kwargs)`` from a local folder or the hub (offline when
+    the hub cannot be reached), without the hub's log noise, failures as one-line errors."""
+    local = Path(source).exists()
+    if not local:
+        kwargs.setdefault("local_files_only", _hub_offline())
+    try:
+        with quiet_hub():
+            return auto_cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ProbekitError(_load_error(source, local, e)) from None
+
+
 def _hub_offline() -> bool:
-    """True when the hub is switched off or unreachable (checked with one quick connection)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return True
+    """True when the hub is switched off or unreachable."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not _hub_reachable()
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """One quick connection per process (a fine-tuning grid loads the model many times)."""
     try:
         socket.create_connection((HUB_HOST, 443), timeout=3).close()
-        return False
-    except OSError:
         return True
+    except OSError:
+        return False
 
 
 def _load_error(source: str, is_local: bool, err: Exception) -> str:
@@ -216,7 +233,7 @@ def _load_error(source: str, is_local: bool, err: Exception) -> str:
     )
 
 
-class _quiet_hub:
+class quiet_hub:
     """Silence the hub's retry chatter and the weight-loading bar; errors still raise."""
 
     def __enter__(self) -> None:

@@ -9,7 +9,7 @@ from probekit.data import senteval as _senteval  # noqa: F401  (registers its re
 from probekit.data.fetch import fetch
 from probekit.data.locate import default_data_dir, locate, search_dirs
 from probekit.data.registry import Task, get_task, list_tasks, reader_for, register_task
-from probekit.data.types import SPLITS, Split, TaskData
+from probekit.data.types import HELDOUT, SPLITS, Split, TaskData
 
 
 def load_task(task: str | Path | Task, data_dir: str | Path | None = None, **options: object) -> TaskData:
@@ -22,6 +22,7 @@ def load_task(task: str | Path | Task, data_dir: str | Path | None = None, **opt
 
 
 __all__ = [
+    "HELDOUT",
     "SPLITS",
     "Split",
     "Task",

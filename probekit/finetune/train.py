@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from probekit import metrics as M
-from probekit.backbone import _hub_offline, _load_error, _quiet_hub
+from probekit.backbone import from_pretrained, model_source, quiet_hub
 from probekit.cpu import cpu_threads
 from probekit.data import Split, Task, TaskData, get_task, load_task
 from probekit.encoding import Tokenized, collate, tokenize
@@ -208,9 +208,7 @@ def collate_items(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def prepare_data(data: TaskData, max_train: int | None, max_dev: int | None) -> tuple[Split, Split]:
     """The train and dev splits, each optionally a fixed random subset (the same whatever the seed)."""
-    from probekit.offramp.run import subsample
-
-    sub = subsample(data, max_train, max_dev, holdout=0.0, seed=DATA_SEED)
+    sub = data.subsample(max_train, max_dev, seed=DATA_SEED)
     return sub.splits["train"], sub.splits["dev"]
 
 
@@ -245,25 +243,14 @@ def load_classifier(source: str, data: TaskData, seed: int) -> torch.nn.Module:
         kwargs["id2label"] = dict(enumerate(data.label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(data.label_names)}
         kwargs["problem_type"] = "single_label_classification"
-    if not Path(source).exists():
-        kwargs["local_files_only"] = _hub_offline()
     set_seed(seed)
-    try:
-        with _quiet_hub():
-            return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ProbekitError(_load_error(source, Path(source).exists(), e)) from None
+    return from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
 
 
 def load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
-    kwargs = {} if Path(source).exists() else {"local_files_only": _hub_offline()}
-    try:
-        with _quiet_hub():
-            tok = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ProbekitError(_load_error(source, Path(source).exists(), e)) from None
+    tok = from_pretrained(AutoTokenizer, source)
     if tok.pad_token_id is None:
         raise ProbekitError(f"the tokenizer of {source} has no padding token")
     return tok
@@ -385,7 +372,7 @@ def run_config(job: _Job, seed: int, batch_size: int, lr: float, run_dir: Path, 
     if isinstance(model, MultiObjective) and job.variant.mlm_warmup and resume is None:
         model.to(args.device)
         warmup = model.warm_up(_mlm_batches(train_ds, batch_size, job.variant.mlm_warmup, seed, args.device))
-    with _quiet_hub():
+    with quiet_hub():
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - started
     result = _summarize(trainer, job, batch_size, lr, wall, resumed=resume is not None)
@@ -394,7 +381,7 @@ def run_config(job: _Job, seed: int, batch_size: int, lr: float, run_dir: Path, 
     final = run_dir / "model"
     tmp = run_dir / ".model.tmp"
     remove_tree(tmp)
-    with _quiet_hub():
+    with quiet_hub():
         saved_model(trainer.model).save_pretrained(tmp)
         job.tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():  # some writers leave 0600 files (mkstemp); give them the usual mode
@@ -641,7 +628,7 @@ def finetune(
     if not task_list:
         raise ProbekitError("no task given; pass --task (e.g. --task cola)")
     variant_list = _variants(variants, copy_from=copy_from, drop=drop, mlm_weight=mlm_weight, mlm_warmup=mlm_warmup)
-    source = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model)
+    source = model_source(model)
     out = Path(out)
     with cpu_threads(threads):
         run = _finetune_all(source, task_list, variant_list, seed_list, out, options, data_dir)

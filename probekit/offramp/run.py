@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from probekit import metrics as M
 from probekit.backbone import Backbone, load_backbone
 from probekit.cpu import cpu_threads
-from probekit.data import Split, Task, TaskData, load_task
+from probekit.data import HELDOUT, Split, Task, TaskData, load_task
 from probekit.encoding import encode, tokenize
 from probekit.errors import ProbekitError
 from probekit.extraction import extract_task
@@ -46,8 +46,6 @@ from probekit.offramp.heads import OffRamps, Record, record
 from probekit.offramp.policies import Policy, PolicyConfig, SweepPoint
 from probekit.offramp.train import MODES, TrainConfig, deebert_stage2, finetune, fit_heads, trainable_copy
 from probekit.results import save_results, tidy
-
-HELDOUT = "heldout"
 
 
 @dataclass
@@ -61,40 +59,6 @@ class OffRampRun:
     dev: Record
     encoder: torch.nn.Module
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _take(split: Split, idx: np.ndarray) -> Split:
-    return Split(
-        texts=[split.texts[i] for i in idx],
-        labels=split.labels[idx],
-        text_pairs=[split.text_pairs[i] for i in idx] if split.text_pairs is not None else None,
-    )
-
-
-def subsample(data: TaskData, train_n: int | None, dev_n: int | None, holdout: float, seed: int) -> TaskData:
-    """train (minus a held-out part), heldout and dev splits, subsampled with a fixed seed."""
-    for name in ("train", "dev"):
-        if name not in data.splits:
-            raise ProbekitError(f"task {data.name!r} has no {name} split; off-ramps need train and dev")
-    if not 0.0 <= holdout < 1.0:
-        raise ProbekitError(f"--holdout must be in [0, 1), got {holdout}")
-    rng = np.random.default_rng(seed)
-    train = data.splits["train"]
-    perm = rng.permutation(len(train))
-    if train_n is not None:
-        perm = perm[:train_n]
-    n_hold = round(len(perm) * holdout)
-    held, fit = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
-    if len(fit) < 2:
-        raise ProbekitError(f"only {len(fit)} training examples left; use a larger --train-n or a smaller --holdout")
-    dev = data.splits["dev"]
-    dev_idx = np.arange(len(dev))
-    if dev_n is not None and dev_n < len(dev):
-        dev_idx = np.sort(np.random.default_rng(seed + 1).permutation(len(dev))[:dev_n])
-    splits = {"train": _take(train, fit), "dev": _take(dev, dev_idx)}
-    if n_hold:
-        splits[HELDOUT] = _take(train, held)
-    return TaskData(task=data.task, path=data.path, sha256=data.sha256, splits=splits, label_names=data.label_names)
 
 
 def _fine_tuned_backbone(encoder: torch.nn.Module, base: Backbone, mode: str) -> Backbone:
@@ -236,7 +200,7 @@ def run_offramp(
         metric_names = M.task_metrics(full.task)
         if regression and not set(metric_names) <= set(M.REGRESSION_METRICS):
             metric_names = list(M.REGRESSION_METRICS)
-        data = subsample(full, train_n, dev_n, holdout, seed)
+        data = full.subsample(train_n, dev_n, holdout, seed)
         learned = [n for n in names if policies.POLICIES[n].learned]
         if learned and HELDOUT not in data.splits:
             raise ProbekitError(
