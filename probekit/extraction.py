@@ -298,7 +298,7 @@ def _write_shard(
 ) -> None:
     """Compute this rank's share of the batch plan into ``shard_root/r<rank>``."""
     shard = shard_root / f"r{dist.rank}"
-    if _complete_shard(shard, key):
+    if _complete_shard(shard, key, job.tag):
         return
     costs = [
         (s, b, float(len(idx) * job.toks[s].lengths[idx].max()))
@@ -337,6 +337,7 @@ def _write_shard(
             {
                 "rank": dist.rank,
                 "world_size": dist.world_size,
+                "tag": job.tag,  # the batch plan: a shard of another plan holds other rows
                 "splits": {
                     s: {"n": len(orders[s]), "batches": len(work[s]), "resumed_at_batch": resumed_at[s]}
                     for s in job.splits
@@ -349,11 +350,13 @@ def _write_shard(
         )
 
 
-def _complete_shard(shard: Path, key: str) -> bool:
+def _complete_shard(shard: Path, key: str, tag: str) -> bool:
+    """A finished shard of this cache made from the same batch plan (another --batch-size shards differently)."""
     try:
-        return read_json(shard / MANIFEST).get("key") == key
+        manifest = read_json(shard / MANIFEST)
     except (OSError, ValueError):
         return False
+    return manifest.get("key") == key and manifest.get("tag") == tag
 
 
 def _merge_shards(
@@ -369,8 +372,12 @@ def _merge_shards(
     """Rank 0: copy every shard's rows to their places in the cache, then finalize it."""
     shards = [shard_root / f"r{r}" for r in range(world_size)]
     for s in shards:
-        if not _complete_shard(s, key):
+        if not _complete_shard(s, key, job.tag):
             raise CacheError(f"shard {s} is missing or incomplete after all ranks finished; re-run the extraction")
+    for name in job.splits:
+        rows = np.sort(np.concatenate([np.load(s / f"{name}.indices.npy") for s in shards]))
+        if not np.array_equal(rows, np.arange(len(job.data.splits[name]))):
+            raise CacheError(f"the shards under {shard_root} do not cover the {name} split; remove them and re-run")
     with CacheWriter(final, key, _full_layout(job), tag=job.tag) as writer:
         _write_static(job, writer)
         for name in job.splits:

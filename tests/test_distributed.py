@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from probekit import extract
@@ -107,6 +110,16 @@ def test_killed_rank_resumes_only_its_shard(
     progress = json.loads((shards / "r1.partial" / "progress.json").read_text())
     assert sum(progress["done"].values()) == 3
     assert not [p for p in (tmp_path / "tiny").iterdir() if p.suffix not in (".shards", ".lock")]
+
+    # a re-run with another batch plan must not merge rank 0's finished shard of the old plan
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "tiny", other / "tiny")
+    torchrun(2, [*extract_args(tiny_model, shared_data, other), "--batch-size", "16"])
+    [replanned] = [p for p in (other / "tiny").iterdir() if p.is_dir()]
+    feats = np.load(replanned / "train.features.npy").astype(np.float32)
+    ref = np.load(io.BytesIO(reference["train.features.npy"])).astype(np.float32)
+    assert (np.abs(feats).sum(axis=(1, 2)) > 0).all()  # no row left unwritten
+    np.testing.assert_allclose(feats, ref, atol=1e-2)  # the same features, whatever the batches
 
     torchrun(2, extract_args(tiny_model, shared_data, tmp_path))
     assert cache_files(tmp_path) == reference
