@@ -23,6 +23,20 @@ from probekit.errors import ProbekitError
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
+Z95 = 1.959963984540054
+"""The standard normal 97.5% quantile: two-sided 95% intervals."""
+
+
+def wilson(correct: Any, n: Any, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a binomial proportion ``correct / n`` (arrays broadcast)."""
+    k, n = np.asarray(correct, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    z2 = z * z
+    with np.errstate(divide="ignore", invalid="ignore"):  # n = 0: (nan, nan)
+        p = k / n
+        centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)

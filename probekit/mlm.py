@@ -40,6 +40,7 @@ from probekit.data.corpus import read_corpus, split_passages, window_passages
 from probekit.encoding import Tokenized, collate, hidden_states, plan_batches
 from probekit.errors import ProbekitError
 from probekit.io import atomic_path, sha256_json, write_json
+from probekit.metrics import wilson
 from probekit.results import save_results, tidy
 
 DEFAULT_MASK_RATIO = 0.15
@@ -499,17 +500,6 @@ def _windows_digest(tok: Tokenized) -> str:
     return h.hexdigest()
 
 
-def wilson_interval(successes: int | float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (``(nan, nan)`` when ``n`` is 0)."""
-    if n <= 0:
-        return math.nan, math.nan
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 # ---------------------------------------------------------------- sweep and the command
 
 
@@ -660,7 +650,7 @@ def mlm_probe(
     rows = []
     for r in scores.itertuples(index=False):
         for metric, value in (("mlm_acc", r.acc), ("mlm_top5", r.top5)):
-            lo, hi = wilson_interval(round(value * r.n), int(r.n))
+            lo, hi = (float(b) for b in wilson(round(value * r.n), r.n))
             rows.append(
                 {
                     "model": backbone.name,

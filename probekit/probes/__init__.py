@@ -11,9 +11,10 @@ regression, scikit-learn's objective), :mod:`.lbfgs` (the batched optimiser), :m
 results table out), :mod:`.table` (the printed summary).
 """
 
+from probekit.metrics import wilson
 from probekit.probes import linear, mlp  # noqa: F401  (registers the kinds)
 from probekit.probes.base import KINDS, ProbeKind, register
-from probekit.probes.layerwise import LayerwiseProbe, wilson
+from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.run import probe
 
 __all__ = ["KINDS", "LayerwiseProbe", "ProbeKind", "probe", "register", "wilson"]

@@ -27,19 +27,6 @@ from probekit.backbone import resolve_device
 from probekit.errors import ProbekitError
 from probekit.probes.base import ProbeKind, get_kind
 
-Z95 = 1.959963984540054
-"""The standard normal 97.5% quantile: two-sided 95% intervals."""
-
-
-def wilson(correct: Any, n: Any, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of a binomial proportion ``correct / n`` (arrays broadcast)."""
-    k, n = np.asarray(correct, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    p = k / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
-
 
 def layer_major(X: Any, layers: Sequence[int] | None, device: torch.device) -> torch.Tensor:
     """Features [N, L, D] (NumPy / memory map / tensor) as float32 [len(layers), N, D] on ``device``.

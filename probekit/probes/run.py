@@ -31,7 +31,8 @@ from probekit.cache import LayerCache, find_caches
 from probekit.distributed import balance, barrier, destroy_process_group, dist_info, init_process_group, rank_device
 from probekit.errors import CacheError, ProbekitError
 from probekit.io import remove_tree
-from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, wilson
+from probekit.metrics import wilson
+from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers
 from probekit.results import PARQUET, load_results, save_results, tidy
 
 SPLITS = ("train", "dev", "test")
@@ -219,7 +220,7 @@ def _probe(
     merged = tidy(done + new)
     if info.is_main:
         parts = sorted((Path(out) / PARTS).glob(f"r*/{PARQUET}")) if out is not None else []
-        frames = [tidy(done + new)] + [load_results(p) for p in parts if p.parent.name != f"r{info.rank}"]
+        frames = [merged] + [load_results(p) for p in parts if p.parent.name != f"r{info.rank}"]
         merged = _dedupe(pd.concat(frames, ignore_index=True))
         if out is not None:
             save_results(tidy(kept + merged.to_dict("records")), out)
