@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec
 
 import matplotlib as mpl
@@ -33,6 +34,7 @@ from matplotlib.patches import Rectangle
 
 from probekit import analysis
 from probekit.errors import ProbekitError
+from probekit.io import atomic_path
 
 STYLE: dict[str, Any] = {
     "font.size": 9,
@@ -59,6 +61,15 @@ DIVERGING = "RdYlGn"  # positive green, negative red, 0 pale yellow
 CELL_W, CELL_H = 0.5, 0.3  # inches per heatmap cell
 
 P = ParamSpec("P")
+
+
+def save(fig: Figure, path: str | Path, **kwargs: Any) -> Path:
+    """Write ``fig`` to ``path`` (format from the suffix) atomically, with the house style's
+    saving settings (tight box, 150 dpi, SVG text kept as text); ``kwargs`` go to ``savefig``."""
+    path = Path(path)
+    with mpl.rc_context(STYLE), atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs)
+    return path
 
 
 def _styled(fn: Callable[P, Figure]) -> Callable[P, Figure]:

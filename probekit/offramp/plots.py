@@ -26,6 +26,6 @@ def save_figures(results: pd.DataFrame, out: str | Path, stem: str = "offramp", 
     for name, draw in figures.items():
         fig = draw(results)
         path = out / f"{stem}_{name}.png"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        plot.save(fig, path, dpi=dpi)
         paths.append(path)
     return paths

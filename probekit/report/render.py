@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from probekit import plot
 from probekit.report.base import FigureItem, Section, TableItem
 
 DPI = 150
@@ -57,8 +58,8 @@ def save_figure(item: FigureItem, folder: Path) -> Rendered:
     """Write ``folder/<name>.png`` and ``.svg``; return the PNG for embedding."""
     folder.mkdir(parents=True, exist_ok=True)
     png_path = folder / f"{item.name}.png"
-    item.figure.savefig(png_path, dpi=DPI, bbox_inches="tight", facecolor="white")
-    item.figure.savefig(folder / f"{item.name}.svg", bbox_inches="tight", facecolor="white")
+    plot.save(item.figure, png_path, dpi=DPI, facecolor="white")
+    plot.save(item.figure, folder / f"{item.name}.svg", facecolor="white")
     png = png_path.read_bytes()
     w, h = struct.unpack(">II", png[16:24])  # the IHDR chunk
     return Rendered(item, png, round(w * 96 / DPI), round(h * 96 / DPI))
