@@ -39,6 +39,8 @@ class _Rows:
     pairs: list[str] | None
     labels: list[str]
     lines: list[int]
+    sha256: str = ""
+    """Of the file's bytes (read once for both)."""
 
 
 def split_files(task: Task) -> dict[str, str]:
@@ -62,7 +64,8 @@ def read_tsv(path: Path, task: Task) -> _Rows:
     opts = task.options
     if not path.is_file():
         raise DataError(path, f"missing file of task {task.name!r}; get the task with `probekit data fetch glue`")
-    lines = decode_lines(path, path.read_bytes())
+    raw = path.read_bytes()
+    lines = decode_lines(path, raw)
     if lines and lines[0].startswith(BOM):
         lines[0] = lines[0][len(BOM) :]
     has_header = bool(opts.get("header", True))
@@ -79,7 +82,7 @@ def read_tsv(path: Path, task: Task) -> _Rows:
     i_label = _column(path, header, opts["label"], "label")
     allowed = set(opts["labels"]) if opts.get("labels") else None
     regression = opts.get("type") == "regression"
-    rows = _Rows([], [] if i_pair is not None else None, [], [])
+    rows = _Rows([], [] if i_pair is not None else None, [], [], hashlib.sha256(raw).hexdigest())
     for lineno, line in enumerate(lines[start:], start=start + 1):
         if not line.strip():
             continue
@@ -130,7 +133,7 @@ def read_glue(task: Task, path: Path, unseen_labels: str = "error") -> TaskData:
     read = {split: read_tsv(path / fname, task) for split, fname in files.items()}
     digest = hashlib.sha256()
     for split, fname in sorted(files.items()):
-        digest.update(f"{split}={fname}:{sha256_file(path / fname)}\n".encode())
+        digest.update(f"{split}={fname}:{read[split].sha256}\n".encode())
     regression = task.options.get("type") == "regression"
     label_names: list[str] = [] if regression else sorted(set(read["train"].labels))
     ids = {name: i for i, name in enumerate(label_names)}
