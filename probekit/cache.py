@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from probekit.errors import CacheError, ProbekitError
-from probekit.io import read_json, remove_tree, sha256_file, sha256_json, write_json
+from probekit.io import read_json, remove_tree, replace_dir, sha256_file, sha256_json, write_json
 
 FORMAT = "probekit-cache"
 VERSION = 1
@@ -372,7 +372,4 @@ class CacheWriter:
             manifest["splits"][split]["files"] = {k: f"{split}.{k}.npy" for k in kinds}
         (self.partial / PROGRESS).unlink(missing_ok=True)
         write_json(self.partial / MANIFEST, manifest)
-        if self.final.exists():
-            remove_tree(self.final)
-        os.replace(self.partial, self.final)
-        return self.final
+        return replace_dir(self.partial, self.final)

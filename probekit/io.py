@@ -79,6 +79,19 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def replace_dir(src: str | Path, dst: str | Path) -> Path:
+    """Move the finished folder ``src`` onto ``dst``: the old ``dst`` is renamed aside first and
+    removed after, so ``dst`` is always a complete folder, old or new."""
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
+    remove_tree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    remove_tree(old)
+    return dst
+
+
 def remove_tree(path: str | Path) -> None:
     """Remove a directory tree; silently ignore a path that does not exist."""
     shutil.rmtree(path, ignore_errors=True)

@@ -12,7 +12,6 @@ malformed is a :class:`~probekit.errors.DataError` naming the file and line.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from probekit.data.registry import Task, list_tasks, register_reader
 from probekit.data.senteval import decode_lines
 from probekit.data.types import Split, TaskData
 from probekit.errors import DataError, ProbekitError
-from probekit.io import remove_tree, sha256_file
+from probekit.io import remove_tree, replace_dir, sha256_file
 
 DEFAULT_SPLITS = {"train": "train.tsv", "dev": "dev.tsv"}
 BOM = "\ufeff"
@@ -236,13 +235,7 @@ def _install(src: Path, target: Path, task: Task) -> Path:
             f"the download of GLUE task {task.name!r} lacks {sorted(set(missing))}; "
             "the source has changed or the mirror is incomplete"
         )
-    old = target.with_name(target.name + ".old")
-    remove_tree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(src, target)
-    remove_tree(old)
-    return target
+    return replace_dir(src, target)
 
 
 def _fetch_zip(task: Task, dest: Path, base_url: str | None, checksums: Mapping[str, str], progress: bool) -> Path:

@@ -55,7 +55,7 @@ from probekit.finetune.variants import (
     encoder_layers,
     saved_model,
 )
-from probekit.io import _UMASK, read_json, remove_tree, write_json
+from probekit.io import _UMASK, read_json, remove_tree, replace_dir, write_json
 
 METRICS_FILE = "metrics.json"
 RESULT_FILE = "result.json"
@@ -386,8 +386,7 @@ def run_config(job: _Job, seed: int, batch_size: int, lr: float, run_dir: Path, 
         job.tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():  # some writers leave 0600 files (mkstemp); give them the usual mode
         f.chmod(0o666 & ~_UMASK)
-    remove_tree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
     result["settings"] = settings
     write_json(done, result)
     if not opts.keep_checkpoints:
@@ -494,8 +493,7 @@ def finetune_seed(job: _Job, seed: int, seed_dir: Path) -> SeedResult:
     remove_tree(tmp)
     shutil.copytree(chosen_dir, tmp)
     write_json(tmp / METRICS_FILE, metrics)
-    remove_tree(best)
-    os.replace(tmp, best)
+    replace_dir(tmp, best)
     if not opts.keep_checkpoints:
         for r in runs:
             remove_tree(seed_dir / "runs" / config_slug(r["batch_size"], r["lr"]) / "model")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from probekit.errors import ProbekitError
-from probekit.io import remove_tree, write_json
+from probekit.io import remove_tree, replace_dir, write_json
 from probekit.report import sections as _sections  # noqa: F401  (registers the sections)
 from probekit.report.base import SECTIONS, Context, FigureItem, Section, TableItem, section
 from probekit.report.render import page_html, save_figure, summary_markdown
@@ -140,13 +140,7 @@ def write_report(ctx: Context, sections: list[Section], out: str | Path) -> Path
             },
         )
         os.chmod(tmp, 0o755)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            remove_tree(old)
+        replace_dir(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):
             remove_tree(tmp)
