@@ -10,13 +10,7 @@ The Python API that the ``probekit`` command wraps::
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("probekit")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
-
+from probekit._version import __version__
 from probekit.backbone import Backbone, load_backbone
 from probekit.cache import LayerCache, find_caches
 from probekit.data import get_task, list_tasks, load_task

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from probekit._version import __version__
 from probekit.backbone import Backbone, dtype_name, load_backbone
 from probekit.cache import (
     MANIFEST,
@@ -447,8 +448,6 @@ def _warn_nonfinite(cache: LayerCache) -> None:
 def _manifest(job: _Job, settings: dict[str, Any], max_length: int, nonfinite: dict[str, list[int]]) -> dict[str, Any]:
     import transformers
 
-    import probekit
-
     data, backbone = job.data, job.backbone
     return {
         "task": data.name,
@@ -478,7 +477,7 @@ def _manifest(job: _Job, settings: dict[str, Any], max_length: int, nonfinite: d
             for name, split in job.splits.items()
         },
         "versions": {
-            "probekit": probekit.__version__,
+            "probekit": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "numpy": np.__version__,

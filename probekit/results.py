@@ -1,32 +1,38 @@
-"""The tidy results table shared by every analysis (probes, MLM-head probes, off-ramps).
+"""The tidy results table shared by every analysis, and its schema written down as code.
 
-One row per measured number: model, task, layer, probe, seed, split, metric and value,
-with the settings that produced it. Every command saves its table with
-:func:`save_results` (Parquet and CSV, written atomically) and the report and
-notebooks read any number of them back with :func:`load_results`.
+One row per measured number: model, task, layer, split, metric and value, with the settings
+that produced it. :data:`SCHEMA` lists every column with a fixed meaning (name, dtype,
+meaning); :func:`row` builds a row from keyword arguments (checking names and the vocabulary),
+:func:`tidy` a table from rows, :func:`validate` checks a table against the schema. Every
+command saves its table with :func:`save_results` (Parquet and CSV, atomically) and the report
+and notebooks read any number of them back with :func:`load_results`, which migrates tables
+written by earlier versions (:func:`migrate`).
 
-Vocabulary (``source`` says which analysis wrote a row; the report keys on it):
+``source`` says which analysis wrote a row (the report keys on it):
 
-- ``source="probe"`` (``probekit probe``): ``probe`` is ``linear`` or ``mlp``; ``split`` is
-  ``dev`` or ``test``; ``metric`` is ``acc`` (the probe), ``control_acc`` (same probe on
-  shuffled train labels), ``selectivity`` (acc - control_acc) or ``majority_acc``
-  (majority-class baseline); ``layer`` 0..L (0 = embeddings); ``ci_low``/``ci_high`` a
-  95% binomial (Wilson) interval; ``reg`` the regularisation chosen on dev.
-- ``source="mlm-probe"`` (``probekit mlm-probe``): ``probe="mlm-head"``, ``split="heldout"``,
-  ``metric`` ``mlm_acc`` or ``mlm_top5``; ``settings`` holds mask_ratio, dropout_ratio, ...
-- ``source="offramp"`` (``probekit offramp``): ``probe`` is the training mode (``frozen``,
-  ``deebert``, ``joint``), ``layer`` the forced exit layer, ``metric`` the task's official
-  metric(s) (``acc``, ``mcc``, ``f1``, ``pearson``, ``spearman``).
-- ``source="exit-policy"``: one row per policy and threshold, with extra columns ``policy``,
-  ``threshold``, ``mean_exit_layer``, ``expected_saving`` (and ``measured_saving`` when
-  timed); ``layer`` is -1; the exit histogram is rows with ``metric="exit_fraction"`` and
-  ``layer`` the exit layer.
+- ``probe`` (``probekit probe``): ``probe`` the kind (``linear``, ``mlp``, ...); ``split``
+  ``dev`` or ``test``; ``metric`` ``acc``, ``control_acc`` (the same probe on shuffled train
+  labels), ``selectivity`` (acc - control_acc) or ``majority_acc``; ``layer`` 0..L (0 = the
+  embeddings); ``ci_low``/``ci_high`` a 95% Wilson interval; ``reg`` the value chosen on dev.
+- ``mlm-probe`` (``probekit mlm-probe``): ``probe="mlm-head"``, ``split="heldout"``, ``metric``
+  ``mlm_acc`` or ``mlm_top5``.
+- ``offramp`` (``probekit offramp``): ``probe="offramp"``, ``mode`` the training method
+  (``frozen``, ``deebert``, ``joint``...), ``layer`` the forced exit layer 1..L (numbered as
+  the probes': 0 would be the embeddings), ``metric`` the task's official metric(s).
+- ``exit-policy``: ``probe="offramp"``, ``mode`` as above, one row per policy, threshold and
+  metric with ``policy``, ``threshold``, ``mean_exit_layer``, ``expected_saving`` (and
+  ``measured_saving`` when timed); ``layer`` is empty (no single layer); the exit histogram
+  is rows with ``metric="exit_fraction"`` and ``layer`` the exit layer.
+- ``finetune`` (``probekit finetune``): ``probe="finetune"``, ``mode`` the variant slug, ``layer``
+  empty, ``split="dev"``, one row per configuration and epoch (``epoch``, ``batch_size``,
+  ``lr``) and metric, and ``chosen=True`` on the rows of the selected configuration and epoch.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,30 +43,83 @@ from probekit.io import atomic_path
 
 PARQUET = "results.parquet"
 CSV = "results.csv"
+SCHEMA_VERSION = 2
+"""1: before the ``mode`` column (off-ramp rows had the training mode in ``probe`` and exit-policy
+rows ``layer=-1``); 2: this schema."""
 
-REQUIRED = ("model", "task", "layer", "split", "metric", "value")
-"""Columns every results table has."""
 
-STANDARD = (
-    "source",  # what made the row: "probe", "mlm-probe", "offramp", ...
-    "model_fingerprint",
-    "probe",  # "linear", "mlp", "mlm-head", "offramp", ...
-    "seed",
-    "n",  # examples the metric was computed on
-    "ci_low",
-    "ci_high",
-    "reg",  # chosen regularisation (or other selected hyper-parameter)
-    "pool",
-    "max_length",
-    "data_sha256",
-    "settings",  # JSON string of any further settings
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: str  # a pandas dtype: "string", "Int64" (nullable integer), "float64", "boolean", "object"
+    meaning: str
+    required: bool = False
+
+
+SCHEMA: tuple[Column, ...] = (
+    Column("model", "object", "model name (the --name given to extract, or the model's folder name)", True),
+    Column("task", "object", "task name (registry name, or a file's stem)", True),
+    Column("layer", "Int64", "0 = embeddings, 1..L the blocks; empty when a row has no single layer", True),
+    Column("split", "object", "dev, test, heldout, ...", True),
+    Column("metric", "object", "what value measures (acc, control_acc, mlm_acc, mcc, exit_fraction, ...)", True),
+    Column("value", "float64", "the number", True),
+    Column("source", "object", "the analysis that wrote the row: probe, mlm-probe, offramp, exit-policy, finetune"),
+    Column("mode", "object", "how the model was trained for this row: off-ramp method, fine-tuning variant"),
+    Column("model_fingerprint", "object", "fingerprint of the model's weights"),
+    Column("probe", "object", "probe kind: linear, mlp, mlm-head, offramp, finetune, ..."),
+    Column("seed", "Int64", "run seed"),
+    Column("n", "Int64", "examples the metric was computed on"),
+    Column("ci_low", "float64", "lower end of a 95% interval"),
+    Column("ci_high", "float64", "upper end of a 95% interval"),
+    Column("reg", "float64", "the regularisation (or other hyper-parameter) chosen on dev"),
+    Column("pool", "object", "pooling of the features: mean, cls"),
+    Column("max_length", "Int64", "token limit of the inputs"),
+    Column("data_sha256", "object", "SHA-256 of the data file"),
+    Column("settings", "object", "JSON of the settings that produced the row"),
 )
-"""Columns with a fixed meaning that tables fill when they apply (NaN/None otherwise)."""
+"""Every column with a fixed meaning, in table order; tables may carry further columns
+(``policy``, ``threshold``, ``epoch``, ...), described in the module docstring."""
+
+COLUMNS = {c.name: c for c in SCHEMA}
+REQUIRED = tuple(c.name for c in SCHEMA if c.required)
+"""Columns every results table has."""
+STANDARD = tuple(c.name for c in SCHEMA if not c.required)
+"""Columns with a fixed meaning that tables fill when they apply (empty otherwise)."""
+SOURCES = ("probe", "mlm-probe", "offramp", "exit-policy", "finetune")
 
 
-def tidy(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Build a results table from dict rows: required columns first, then standard, then extra."""
-    df = pd.DataFrame(list(rows))
+def row(**values: Any) -> dict[str, Any]:
+    """One results row: the required columns must be given (``layer=None`` for no layer)."""
+    missing = [c for c in REQUIRED if c not in values]
+    if missing:
+        raise ValueError(f"a results row needs {missing}")
+    if isinstance(values.get("settings"), dict):
+        values["settings"] = json.dumps(values["settings"], sort_keys=True)
+    return values
+
+
+def _cast(df: pd.DataFrame) -> pd.DataFrame:
+    for col in SCHEMA:
+        if col.name not in df.columns or col.dtype == "object":
+            continue
+        s = df[col.name]
+        if col.dtype == "Int64":
+            num = pd.to_numeric(s, errors="coerce")
+            if ((num.dropna() % 1) != 0).any():
+                raise ValueError(f"results column {col.name!r} must hold integers")
+            df[col.name] = num.astype("Int64")
+        elif col.dtype == "float64":
+            df[col.name] = pd.to_numeric(s, errors="coerce").astype("float64")
+    return df
+
+
+def _is_text_or_empty(s: Any) -> bool:
+    return s is None or isinstance(s, str) or (isinstance(s, float) and pd.isna(s))
+
+
+def tidy(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """Build a results table: required columns first, then standard, then extra; schema dtypes."""
+    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"results rows lack required columns {missing}")
@@ -69,10 +128,50 @@ def tidy(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
             df[col] = None
     if "settings" in df.columns:
         df["settings"] = [
-            s if s is None or isinstance(s, str) else json.dumps(s, sort_keys=True) for s in df["settings"]
+            s
+            if s is None or isinstance(s, str) or (isinstance(s, float) and pd.isna(s))
+            else json.dumps(s, sort_keys=True)
+            for s in df["settings"]
         ]
     ordered = [*REQUIRED, *STANDARD]
-    return df[ordered + [c for c in df.columns if c not in ordered]]
+    df = df[ordered + [c for c in df.columns if c not in ordered]].reset_index(drop=True)
+    return _cast(df)
+
+
+def validate(df: pd.DataFrame) -> None:
+    """Raise ``ValueError`` if ``df`` does not follow the schema (columns, dtypes, vocabulary)."""
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"missing required columns {missing}")
+    for col in SCHEMA:
+        if col.name in df.columns and col.dtype != "object" and str(df[col.name].dtype) != col.dtype:
+            raise ValueError(f"column {col.name!r} has dtype {df[col.name].dtype}, the schema says {col.dtype}")
+    bad = set(df["source"].dropna()) - set(SOURCES) if "source" in df.columns else set()
+    if bad:
+        raise ValueError(f"unknown source(s) {sorted(bad)}; known: {SOURCES}")
+    if df["value"].isna().any():
+        raise ValueError("value holds empty cells")
+    if (df["layer"].dropna() < 0).any():
+        raise ValueError("layer must be 0..L or empty (no -1 sentinel)")
+
+
+def migrate(df: pd.DataFrame) -> pd.DataFrame:
+    """A table of an earlier schema in this one (version 1: no ``mode`` column; off-ramp rows with the
+    training mode in ``probe``; exit-policy rows with ``layer=-1``)."""
+    if "mode" in df.columns and df["mode"].notna().any():
+        return df
+    df = df.copy()
+    if "mode" not in df.columns:
+        df["mode"] = None
+    if "source" in df.columns:
+        ramp = df["source"].isin(["offramp", "exit-policy"]).to_numpy()
+        if ramp.any():
+            df["mode"] = df["mode"].astype(object)
+            df.loc[ramp, "mode"] = df.loc[ramp, "probe"]
+            df.loc[ramp, "probe"] = "offramp"
+            layer = pd.to_numeric(df["layer"], errors="coerce").astype("Int64")
+            df["layer"] = layer.mask(ramp & (layer == -1).fillna(False).to_numpy())
+    return df
 
 
 def save_results(df: pd.DataFrame, out: str | Path) -> Path:
@@ -98,7 +197,8 @@ def _result_files(path: Path) -> list[Path]:
 
 
 def load_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
-    """Read one or more results tables (files, or folders holding ``results.parquet``) into one DataFrame."""
+    """Read one or more results tables (files, or folders holding ``results.parquet``) into one DataFrame,
+    migrated to the current schema."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     frames = []
@@ -113,9 +213,5 @@ def load_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
             missing = [c for c in REQUIRED if c not in df.columns]
             if missing:
                 raise ProbekitError(f"{f} is not a probekit results table (missing columns {missing})")
-            frames.append(df)
-    return (
-        tidy(pd.concat(frames, ignore_index=True).to_dict("records"))
-        if len(frames) > 1
-        else tidy(frames[0].to_dict("records"))
-    )
+            frames.append(migrate(df))
+    return tidy(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0])

@@ -8,6 +8,8 @@ stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import sys
 import warnings
 from typing import Annotated, Any
@@ -16,18 +18,32 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from probekit._version import __version__
+from probekit.cli.options import flags_of
 from probekit.errors import ProbekitError
+from probekit.plugins import load_plugins
 
 
 class _Group(TyperGroup):
-    """Turns user errors raised anywhere below into one line and exit code 2."""
+    """The one error boundary: user errors raised anywhere below become one line and exit code 2, with
+    the parameter names of the library's messages rendered as the invoked command's flags."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ProbekitError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {e.render(_flags(ctx))}", err=True)
             raise typer.Exit(code=e.exit_code) from None
+
+
+def _flags(ctx: click.Context) -> dict[str, str]:
+    """Parameter name -> flag of the sub-command that ran (and of its own sub-command, for groups)."""
+    flags = {"fresh": "--fresh", "resume": "--resume"}
+    name = ctx.invoked_subcommand
+    cmd = ctx.command.get_command(ctx, name) if isinstance(ctx.command, click.Group) and name else None
+    if cmd is not None:
+        flags.update(flags_of(cmd))
+    return flags
 
 
 app = typer.Typer(
@@ -43,8 +59,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from probekit import __version__
-
         typer.echo(f"probekit {__version__}")
         raise typer.Exit()
 
@@ -76,12 +90,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_commands() -> None:
-    """Import every module of this package: each registers its command(s) on ``app``."""
-    import importlib
-    import pkgutil
-
+    """Load plugins (their components' options must exist before the commands derive theirs), then import
+    every command module of this package: each registers its command(s) on ``app``."""
+    load_plugins()
     first = ["extract", "probe"]  # the main job's commands come first in --help
-    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name != "common"]
+    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name not in ("common", "options")]
     for name in sorted(names, key=lambda n: (n not in first, first.index(n) if n in first else 0, n)):
         importlib.import_module(f"{__name__}.{name}")
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from probekit import metrics as M
+from probekit._version import __version__
 from probekit.backbone import from_pretrained, model_source, quiet_hub
 from probekit.cpu import cpu_threads
 from probekit.data import Split, Task, TaskData, get_task, load_task
@@ -502,8 +503,6 @@ def finetune_seed(job: _Job, seed: int, seed_dir: Path) -> SeedResult:
 
 def _metrics_file(job: _Job, seed: int, settings: dict, runs: list[dict], pick: int, model_dir: Path) -> dict:
     import transformers
-
-    from probekit import __version__
 
     chosen = runs[pick]
     n_layers = _saved_layers(model_dir)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from probekit._version import __version__
 from probekit.errors import ProbekitError
 from probekit.io import remove_tree, replace_dir, write_json
 from probekit.report import sections as _sections  # noqa: F401  (registers the sections)
@@ -103,7 +104,6 @@ def _check_destination(out: Path) -> None:
 
 def write_report(ctx: Context, sections: list[Section], out: str | Path) -> Path:
     """Write the report folder ``out`` atomically (built in a temporary folder, then renamed)."""
-    from probekit import __version__
 
     out = Path(out)
     _check_destination(out)
