@@ -83,6 +83,12 @@ class FieldSpec:
         return list(self.choices() if callable(self.choices) else self.choices)
 
     def describe_type(self) -> str:
+        if typing.get_origin(self.type) in (typing.Union, types.UnionType):
+            return " or ".join(
+                dataclasses.replace(self, type=a, optional=False).describe_type()
+                for a in typing.get_args(self.type)
+                if a is not type(None)
+            )
         t = self.element or self.type
         allowed = self.allowed()
         name = " | ".join(repr(a) for a in allowed) if allowed else getattr(t, "__name__", str(t))
@@ -163,6 +169,18 @@ def coerce(spec: FieldSpec, value: Any) -> Any:
         if spec.optional:
             return None
         raise ParamError(spec.name, f"is required ({spec.describe_type()})")
+    if typing.get_origin(spec.type) in (typing.Union, types.UnionType):  # e.g. int | tuple[int, ...]
+        for alt in typing.get_args(spec.type):
+            if alt is type(None):
+                continue
+            shape = typing.get_origin(alt) or alt
+            shape = (list, tuple) if shape is tuple else shape
+            try:
+                return coerce(dataclasses.replace(spec, type=alt, optional=False), value)
+            except ParamError:
+                if isinstance(value, shape) and not isinstance(value, bool):
+                    raise  # the value has this alternative's shape: its own message says what is wrong
+        raise ParamError(spec.name, f"must be {spec.describe_type()}, got {value!r}")
     if spec.element is not None:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
@@ -207,6 +225,10 @@ def coerce(spec: FieldSpec, value: Any) -> Any:
     if t is dict or typing.get_origin(t) is dict:
         if not isinstance(value, Mapping):
             raise ParamError(spec.name, f"must be a table, got {value!r}")
+        args = typing.get_args(t)
+        if len(args) == 2:  # dict[str, X]: check the values
+            elem = dataclasses.replace(spec, type=args[1], optional=False)
+            return {str(k): coerce(elem, v) for k, v in value.items()}
         return dict(value)
     return value
 
@@ -255,10 +277,10 @@ class Config:
         for key in values:
             if key not in known:
                 raise ParamError(key, f"is not an option of {cls.label()}; its options: {', '.join(known) or 'none'}")
-        try:
-            return cls(**values)
-        except TypeError as e:  # a required field left out
-            raise ParamError(cls.label(), str(e)) from None
+        for spec in fields_of(cls):
+            if spec.default is MISSING and spec.name not in values:
+                raise ParamError(spec.name, f"is required by {cls.label()} ({spec.describe_type()})")
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """The options as JSON-ready values (recorded in results, fingerprinted)."""

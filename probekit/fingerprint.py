@@ -97,9 +97,15 @@ def _describe(old: Mapping[str, Any], new: Mapping[str, Any], names: list[str]) 
     return ", ".join(shown) + more
 
 
-def read_stamp(folder: str | Path) -> dict[str, Any] | None:
-    """The stamp in ``folder`` (None when there is none or it cannot be read)."""
-    path = Path(folder) / STAMP
+def stamp_path(where: str | Path) -> Path:
+    """The stamp file of ``where``: ``where`` itself when it is a ``.json`` path, else ``where/fingerprint.json``."""
+    where = Path(where)
+    return where if where.suffix == ".json" else where / STAMP
+
+
+def read_stamp(where: str | Path) -> dict[str, Any] | None:
+    """The stamp of ``where`` (a folder or a stamp file); None when there is none or it cannot be read."""
+    path = stamp_path(where)
     if not path.is_file():
         return None
     try:
@@ -109,14 +115,24 @@ def read_stamp(folder: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "fingerprint" in data else None
 
 
-def write_stamp(folder: str | Path, settings: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> str:
-    """Record what ``folder`` is made from (atomically); return the fingerprint."""
+def write_stamp(
+    where: str | Path,
+    settings: Mapping[str, Any],
+    inputs: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> str:
+    """Record what ``where`` (a folder or a stamp file) is made from, atomically, with any ``data`` the
+    artifact wants to keep beside it; return the fingerprint."""
     fp = fingerprint(settings, inputs)
-    write_json(
-        Path(folder) / STAMP,
-        {"fingerprint": fp, "settings": normalize(settings), "inputs": normalize(dict(inputs or {}))},
-    )
+    record = {"fingerprint": fp, "settings": normalize(settings), "inputs": normalize(dict(inputs or {}))}
+    write_json(stamp_path(where), {**record, **({"data": normalize(dict(data))} if data else {})})
     return fp
+
+
+def matches(where: str | Path, settings: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> bool:
+    """Whether the stamp of ``where`` exists and has the fingerprint of ``settings`` and ``inputs``."""
+    stamp = read_stamp(where)
+    return stamp is not None and stamp.get("fingerprint") == fingerprint(settings, inputs)
 
 
 def check(
@@ -146,12 +162,12 @@ def check(
 
 
 def resume_rule(
-    folder: str | Path,
+    where: str | Path,
     settings: Mapping[str, Any],
     inputs: Mapping[str, Any] | None = None,
     *,
     fresh: bool = False,
     what: str = "results",
 ) -> Decision:
-    """:func:`check` against the stamp in ``folder``."""
-    return check(read_stamp(folder), settings, inputs, where=folder, fresh=fresh, what=what)
+    """:func:`check` against the stamp of ``where`` (a folder or a stamp file)."""
+    return check(read_stamp(where), settings, inputs, where=where, fresh=fresh, what=what)

@@ -138,6 +138,11 @@ def tidy(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     return _cast(df)
 
 
+def empty_results() -> pd.DataFrame:
+    """A results table with no rows (every schema column)."""
+    return tidy([dict.fromkeys(REQUIRED)]).iloc[0:0]
+
+
 def validate(df: pd.DataFrame) -> None:
     """Raise ``ValueError`` if ``df`` does not follow the schema (columns, dtypes, vocabulary)."""
     missing = [c for c in REQUIRED if c not in df.columns]

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from probekit.config import Config, FieldSpec, fields_of
+from probekit.config import MISSING, Config, FieldSpec, fields_of
 
 Source = tuple[str, type[Config]]
 
@@ -39,7 +39,7 @@ def _cli_type(spec: FieldSpec) -> Any | None:
 
 def _default_text(spec: FieldSpec) -> str:
     d = spec.default
-    if d is None or d is inspect.Parameter.empty:
+    if d is None or d is MISSING:
         return ""
     if isinstance(d, tuple):
         return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in d)
@@ -56,7 +56,7 @@ def _help(entries: list[tuple[str, FieldSpec]], labelled: bool) -> str:
         if allowed:
             text += f" ({', '.join(allowed)})"
         d = _default_text(spec)
-        text += f" [default: {d}]" if d else ""
+        text += f" (default: {d})" if d else ""
         parts.append(f"{label}: {text}" if labelled else text)
     uniq = list(dict.fromkeys(parts))
     return "; ".join(uniq) + "."

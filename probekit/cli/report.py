@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from probekit.cli import app
+from probekit.cli.options import derive
 from probekit.errors import ProbekitError
+from probekit.report import ReportConfig, build_report
 
 
 def _mapping(pairs: list[str] | None) -> dict[str, str]:
@@ -22,6 +24,7 @@ def _mapping(pairs: list[str] | None) -> dict[str, str]:
 
 
 @app.command()
+@derive(lambda: [("report", ReportConfig)], labelled=False)
 def report(
     results: Annotated[
         list[Path],
@@ -39,22 +42,8 @@ def report(
             "--finetune-task", help="MODEL=TASK: the task a model was fine-tuned on (for the task grid); repeat."
         ),
     ] = None,
-    split: Annotated[str | None, typer.Option(help="Probe split to report (default: test, else dev).")] = None,
-    metric: Annotated[str, typer.Option(help="Probe metric: acc, selectivity, control_acc.")] = "acc",
-    top: Annotated[int, typer.Option(help="Highest layers averaged in the fine-tuning grid.")] = 4,
-    title: Annotated[str | None, typer.Option(help="Page title (default: from --out).")] = None,
+    options: dict[str, Any] | None = None,
 ) -> None:
     """Write an HTML report (figures, convexity and delta tables, summary.md) from results tables."""
-    from probekit.report import build_report
-
-    path = build_report(
-        results,
-        out,
-        baseline=baseline,
-        finetune_tasks=_mapping(finetune_task),
-        split=split,
-        metric=metric,
-        top=top,
-        title=title,
-    )
+    path = build_report(results, out, baseline=baseline, finetune_tasks=_mapping(finetune_task), **(options or {}))
     typer.echo(f"report: {path / 'index.html'}")

@@ -9,6 +9,7 @@ import typer
 
 from probekit.cli import app
 from probekit.cli.common import DataDir, Quiet, print_table
+from probekit.suite import run_suite
 
 
 @app.command()
@@ -25,8 +26,6 @@ def run(
     Steps already done are skipped, so an interrupted study resumes. Relative paths in the file are
     relative to the file.
     """
-    from probekit.suite import run_suite
-
     result = run_suite(suite, data_dir=data_dir, model=model, progress=not quiet)
     print_table(
         [

@@ -17,12 +17,15 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
+from probekit import analysis
 from probekit._version import __version__
+from probekit.config import Config, option
 from probekit.errors import ProbekitError
 from probekit.io import remove_tree, replace_dir, write_json
 from probekit.report import sections as _sections  # noqa: F401  (registers the sections)
@@ -30,9 +33,31 @@ from probekit.report.base import SECTIONS, Context, FigureItem, Section, TableIt
 from probekit.report.render import page_html, save_figure, summary_markdown
 from probekit.results import load_results
 
-__all__ = ["SECTIONS", "Context", "FigureItem", "Section", "TableItem", "build_report", "make_sections", "section"]
+__all__ = [
+    "SECTIONS",
+    "Context",
+    "FigureItem",
+    "ReportConfig",
+    "Section",
+    "TableItem",
+    "build_report",
+    "make_sections",
+    "section",
+]
 
 MARKER = "report.json"
+
+
+@dataclass(frozen=True)
+class ReportConfig(Config):
+    """What a report shows (``probekit report`` options, a suite's [report] table)."""
+
+    component = "the report"
+    split: str | None = option(None, "Probe split to report (default: test, else dev).")
+    metric: str = option("acc", "Probe metric: acc, selectivity, control_acc.")
+    top: int = option(4, "Highest layers averaged in the fine-tuning grid.", ge=1)
+    title: str | None = option(None, "Page title (default: from the output folder).")
+
 
 Results = pd.DataFrame | str | Path | Sequence[str | Path]
 
@@ -56,8 +81,7 @@ def make_context(
     title: str | None = None,
 ) -> Context:
     """Load the inputs and put the baseline model first, ready for :func:`make_sections`."""
-    from probekit import analysis
-
+    ReportConfig(split=split, metric=metric, top=top, title=title)  # checks the options
     df, inputs = _load(results)
     if df.empty:
         raise ProbekitError(f"no results in {', '.join(inputs)}")
@@ -84,7 +108,7 @@ def make_context(
 def make_sections(ctx: Context) -> list[Section]:
     """Run every registered section; keep those with something to show."""
     found = []
-    for name, fn in SECTIONS:
+    for name, fn in SECTIONS.items():
         s = fn(ctx.results, ctx)
         if s is not None:
             s.id = s.id or name

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from probekit import analysis
 from probekit.errors import ProbekitError
+from probekit.registry import Registry
 
 
 @dataclass
@@ -94,20 +95,13 @@ class Context:
 
 
 SectionFn = Callable[[pd.DataFrame, Context], Section | None]
-SECTIONS: list[tuple[str, SectionFn]] = []
-"""The registry, in page order: (id, function)."""
+SECTIONS: Registry[SectionFn] = Registry("report section", "section")
+"""The registry, in page order: name (its anchor in the page) -> function."""
 
 
 def section(name: str) -> Callable[[SectionFn], SectionFn]:
-    """Register a section function under ``name`` (its anchor in the page); sections appear in registration order."""
-
-    def deco(fn: SectionFn) -> SectionFn:
-        if any(n == name for n, _ in SECTIONS):
-            raise ValueError(f"report section {name!r} registered twice")
-        SECTIONS.append((name, fn))
-        return fn
-
-    return deco
+    """Register a section function under ``name``; sections appear in registration order."""
+    return SECTIONS.register(name)
 
 
 def _range(values: pd.Series) -> str | None:

@@ -1,0 +1,383 @@
+"""The built-in suite steps, one per table, in run order: ``[finetune]``, ``[probe]`` (extract, then
+probe every model), ``[mlm]``, ``[offramp]``, ``[report]`` and ``[compare]`` (then the report again).
+
+Each step's keys are its ``Config``'s fields plus its components' options; each piece of work is
+skipped when its stamp under ``out/.suite/`` has the same fingerprint (the inputs' identities and
+the settings) and its outputs exist, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from probekit import extraction, probes, report
+from probekit.config import Config, option
+from probekit.data import get_task, locate
+from probekit.errors import ProbekitError
+from probekit.finetune import finetune as finetune_runner
+from probekit.finetune.train import GRIDS
+from probekit.finetune.variants import Variant
+from probekit.io import atomic_path, read_json, sha256_file
+from probekit.report import MARKER, ReportConfig
+from probekit.suite.base import STEPS, Step, SuiteRun, SuiteStep, shown
+from probekit.suite.file import Suite, check_tasks
+
+PROBED_VARIANTS = ("plain", "multi-objective", "copy-layers")
+
+
+def _seeds(value: int | Sequence[int]) -> list[int]:
+    return list(range(value)) if isinstance(value, int) else [int(s) for s in value]
+
+
+def _per_task(value: Any, task: str) -> Any:
+    return value.get(task) if isinstance(value, dict) else value
+
+
+def _identity(source: str) -> Any:
+    """What a model's stamp depends on: its files' sizes and times (a folder), or its hub id."""
+    p = Path(source)
+    if not p.is_dir():
+        return source
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
+
+
+def _data_identity(tasks: Sequence[str], data_dir: Path | None) -> list[Any]:
+    out = []
+    for t in tasks:
+        where = locate(get_task(t), data_dir)
+        files = sorted(where.rglob("*")) if where.is_dir() else [where]
+        out.append([t, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]])
+    return out
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+VARIANT_KEYS = ("copy_from", "drop", "mlm_weight", "mlm_warmup")
+
+
+@dataclass(frozen=True)
+class FinetuneTable(Config):
+    component = "[finetune]"
+    tasks: tuple[str, ...] = option(help="GLUE tasks to fine-tune on.")
+    seeds: int | tuple[int, ...] = option(3, "A count (seeds 0..n-1) or a list.", ge=0)
+    grid: str = option("default", "The learning-rate x batch-size grid: default or quick.")
+    variants: tuple[str, ...] = option(("plain",), "Fine-tuned and probed variants (they keep the model's depth).")
+    copy_from: int | None = option(None, "copy-layers: the layer copied into the layers above it.", ge=1)
+    drop: int | None = option(None, "drop-layers: how many top layers to remove.", ge=1)
+    mlm_weight: float | None = option(None, "multi-objective: weight of the MLM loss.", gt=0)
+    mlm_warmup: int | None = option(None, "multi-objective: MLM-head warm-up steps.", ge=0)
+    max_train_samples: int | dict[str, int] | None = option(None, "A number for every task, or per task.", ge=1)
+    max_dev_samples: int | dict[str, int] | None = option(None, "A number for every task, or per task.", ge=1)
+    epochs: int | None = option(None, "Override the grid's epochs.", ge=1)
+    max_steps: int | None = option(None, "Stop after this many steps.", ge=1)
+    max_length: int = option(128, "Truncate texts to this many tokens.", ge=2)
+    precision: str = option("auto", "auto, fp32, fp16 or bf16.")
+    device: str = option("auto", "auto, cpu or cuda.")
+
+
+@dataclass(frozen=True)
+class CompareTable(Config):
+    component = "[compare]"
+    variants: tuple[str, ...] = option(help="Variants fine-tuned for the comparison table only (not probed).")
+    tasks: tuple[str, ...] | None = option(None, "GLUE tasks (default: [finetune]'s).")
+    copy_from: int | None = option(None, "copy-layers: the layer copied into the layers above it.", ge=1)
+    drop: int | None = option(None, "drop-layers: how many top layers to remove.", ge=1)
+    mlm_weight: float | None = option(None, "multi-objective: weight of the MLM loss.", gt=0)
+    mlm_warmup: int | None = option(None, "multi-objective: MLM-head warm-up steps.", ge=0)
+
+
+def _variant(name: str, config: Config) -> Variant:
+    params = {k: getattr(config, k) for k in VARIANT_KEYS if getattr(config, k, None) is not None}
+    return Variant(name, **params)
+
+
+def _finetune(run: SuiteRun, step: str, config: Config, variants: Sequence[str], probed: bool) -> None:
+    """Fine-tune every task x variant with the [finetune] settings; ``finetune`` itself skips finished
+    seeds and refuses outputs made with other settings."""
+    s: Suite = run.suite
+    ft: FinetuneTable = s.steps["finetune"].config  # type: ignore[assignment]
+    tasks = getattr(config, "tasks", None) or ft.tasks
+    for name in variants:  # variant by variant: each finished variant completes a row of the comparison
+        variant = _variant(name, config)
+        for task in tasks:
+            t0 = time.perf_counter()
+            res = finetune_runner(
+                s.model,
+                task,
+                s.finetune_dir,
+                seeds=_seeds(ft.seeds),
+                grid=ft.grid,
+                variants=[variant],
+                max_train_samples=_per_task(ft.max_train_samples, task),
+                max_dev_samples=_per_task(ft.max_dev_samples, task),
+                epochs=ft.epochs,
+                max_steps=ft.max_steps,
+                max_length=ft.max_length,
+                data_dir=s.data_dir,
+                device=ft.device,
+                precision=ft.precision,
+                progress=run.progress,
+            )
+            seeds = getattr(res, "seeds", None) or res.results
+            skipped = all(r.skipped for r in seeds)
+            detail = ", ".join(f"seed {r.seed}: {r.metrics['metric']} {100 * r.value:.1f}" for r in seeds)
+            seconds = 0.0 if skipped else round(time.perf_counter() - t0, 2)
+            run.record(Step(step, f"{task}/{variant.slug}", "skipped" if skipped else "ran", seconds, detail))
+            if probed:
+                suffix = "" if variant.name == "plain" else f"-{variant.slug}"
+                for r in seeds:
+                    run.models[f"{s.model_name}-{task}{suffix}-s{r.seed}"] = {
+                        "path": str(r.path),
+                        "task": task,
+                        "variant": variant.slug,
+                        "seed": r.seed,
+                    }
+
+
+def _check_variants(config: Config, names: Sequence[str]) -> None:
+    for v in names:
+        _variant(str(v), config)
+
+
+@STEPS.register("finetune")
+class FinetuneStep(SuiteStep):
+    """Fine-tune the model on GLUE tasks; every best checkpoint is then extracted and probed."""
+
+    Config = FinetuneTable
+    order = 10
+
+    def check(self, suite: Suite) -> None:
+        cfg: FinetuneTable = self.config  # type: ignore[assignment]
+        bad = [v for v in cfg.variants if v not in PROBED_VARIANTS]
+        if bad:
+            raise ProbekitError(
+                f"variants {bad}: the probed variants must keep the model's depth "
+                f"({', '.join(PROBED_VARIANTS)}); put drop-layers under [compare] for the comparison table"
+            )
+        check_tasks("finetune", cfg.tasks, glue_only=True)
+        if cfg.grid not in GRIDS:
+            raise ProbekitError(f"grid {cfg.grid!r} is not one of {', '.join(GRIDS)}")
+        _check_variants(cfg, cfg.variants)
+
+    def run(self, run: SuiteRun) -> None:
+        _finetune(run, "finetune", self.config, self.config.variants, probed=True)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- extraction and probing
+
+
+@dataclass(frozen=True)
+class ProbeTable(Config):
+    component = "[probe]"
+    tasks: tuple[str, ...] = option(help="SentEval tasks (or SentEval-format files, relative to the suite file).")
+    pool: str = option("mean", "Pooling of the features: mean or cls.")
+    max_length: int = option(128, "Truncate texts to this many tokens.", ge=2)
+    unseen_labels: str = option("error", "dev/test rows with a label never seen in train: error, or drop them.")
+    kind: str = option("linear", "Probe kind.")
+    seeds: int | tuple[int, ...] = option(1, "A count (seeds 0..n-1) or a list.", ge=0)
+    control: bool = option(True, "Shuffled-label control probe.")
+    grid: tuple[float, ...] | None = option(None, "Regularisation grid (default: the kind's).", gt=0)
+    options: dict[str, Any] = option(default_factory=dict, help="The probe kind's options, e.g. { max_iter = 1000 }.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+
+
+@STEPS.register("probe")
+class ProbeStep(SuiteStep):
+    """Extract every model (the pre-trained one and each fine-tuned checkpoint) on the probing tasks, then
+    probe every layer of every model."""
+
+    Config = ProbeTable
+    required = True
+    order = 20
+
+    def check(self, suite: Suite) -> None:
+        cfg: ProbeTable = self.config  # type: ignore[assignment]
+        tasks = tuple(_task_file(suite, t) for t in cfg.tasks)
+        self.config = cfg.replace(tasks=tasks)
+        check_tasks("probe", tasks, glue_only=False)
+
+    def run(self, run: SuiteRun) -> None:
+        for name, m in run.models.items():
+            self._extract(run, name, m["path"])
+        for name in run.models:
+            self._probe(run, name)
+
+    def _extract(self, run: SuiteRun, name: str, source: str) -> None:
+        s, pr = run.suite, self.config
+        settings = {
+            "model": _identity(source),
+            "tasks": list(pr.tasks),
+            "data": _data_identity(pr.tasks, s.data_dir),
+            "pool": pr.pool,
+            "max_length": pr.max_length,
+            "unseen_labels": pr.unseen_labels,
+            "name": name,
+            "caches": str(s.caches_dir),
+        }
+        made: list[str] = []
+
+        def work() -> str:
+            caches = extraction.extract(
+                source,
+                list(pr.tasks),
+                s.caches_dir,
+                pool=pr.pool,
+                max_length=pr.max_length,
+                unseen_labels=pr.unseen_labels,
+                data_dir=s.data_dir,
+                name=name,
+                progress=run.progress,
+            )
+            made[:] = [str(c.path) for c in caches]
+            return f"{len(caches)} caches"
+
+        run.stamped(
+            "extract",
+            name,
+            f"extract-{name}",
+            settings,
+            work,
+            outputs=lambda data: [Path(c) / "manifest.json" for c in data.get("caches", [])],
+            extra=lambda: {"caches": made},
+        )
+
+    def _probe(self, run: SuiteRun, name: str) -> None:
+        s, pr = run.suite, self.config
+        stamp = read_json(s.out / ".suite" / f"extract-{name}.json")
+        caches = stamp.get("data", {}).get("caches", [])
+        options = {
+            "kind": pr.kind,
+            "seeds": _seeds(pr.seeds),
+            "grid": list(pr.grid) if pr.grid is not None else None,
+            "control": pr.control,
+            "options": dict(pr.options),
+            "device": pr.device,
+        }
+        settings = {"caches": [read_json(Path(c) / "manifest.json")["key"] for c in caches], **options}
+        out = s.results_dir(name)
+
+        def work() -> str:
+            result = probes.probe(
+                caches,
+                kind=options["kind"],
+                seeds=options["seeds"],
+                grid=options["grid"],
+                control=options["control"],
+                device=options["device"],
+                out=out,
+                progress=run.progress,
+                **options["options"],
+            )
+            df = getattr(result, "results", result)
+            return f"{len(df)} rows"
+
+        run.stamped("probe", name, f"probe-{name}", settings, work, outputs=lambda _: [out / "results.parquet"])
+        run.results.setdefault("probe", []).append(out)
+
+
+def _task_file(suite: Suite, task: str) -> str:
+    """A probing task that is not a registered name but a file next to the suite: its absolute path."""
+    try:
+        get_task(task)
+        return task
+    except ProbekitError:
+        candidate = suite.resolve(task)
+        return str(candidate) if candidate.is_file() else task
+
+
+# ---------------------------------------------------------------- the report and the comparison
+
+
+@dataclass(frozen=True)
+class ReportTable(Config):
+    component = "[report]"
+    out: str | None = option(None, "The report folder (default: <out>/report), relative to the suite file.")
+
+
+@STEPS.register("report")
+class ReportStep(SuiteStep):
+    """Write the report: the fine-tuned models against the pre-trained one (or the pre-trained one alone),
+    with every other analysis's results and the fine-tuning comparison table."""
+
+    Config = ReportTable
+    order = 80
+    always = True
+
+    @classmethod
+    def components(cls) -> Sequence[type[Config]]:
+        return (ReportConfig,)
+
+    def check(self, suite: Suite) -> None:
+        if self.config.out is not None:  # type: ignore[attr-defined]
+            suite.report = suite.resolve(self.config.out)  # type: ignore[attr-defined]
+        ReportConfig.from_mapping(self.options)
+
+    def run(self, run: SuiteRun) -> None:
+        write_report(run, ReportConfig.from_mapping(self.options))
+
+
+def write_report(run: SuiteRun, opts: ReportConfig) -> None:
+    s = run.suite
+    base = s.results_dir(s.model_name)
+    tuned = {n: m for n, m in run.models.items() if m["task"] is not None}
+    mapping = {n: m["task"] for n, m in tuned.items()}
+    others = [p for key in ("mlm", "offramp") for p in run.results.get(key, [])]
+    files = [base / "results.parquet"] + [s.results_dir(n) / "results.parquet" for n in tuned]
+    files += [p / "results.parquet" for p in others]
+    comparison = s.finetune_dir / "comparison.csv"
+    settings = {
+        "results": [sha256_file(f) for f in files if f.is_file()],
+        "comparison": sha256_file(comparison) if comparison.is_file() else None,
+        "finetune_tasks": mapping,
+        "options": opts.to_dict(),
+        "title": s.title,
+    }
+
+    def work() -> str:
+        # with fine-tuned models, the pre-trained one is the baseline of the deltas; else it is shown alone
+        inputs = [shown(s.results_dir(n)) for n in tuned] or [shown(base)]
+        report.build_report(
+            inputs + [shown(p) for p in others],
+            s.report,
+            baseline=shown(base) if tuned else None,
+            finetune_tasks=mapping or None,
+            split=opts.split,
+            metric=opts.metric,
+            top=opts.top,
+            title=opts.title or s.title or (f"{s.name}: fine-tuned vs pre-trained {s.model_name}" if tuned else s.name),
+        )
+        for suffix in ("csv", "md"):
+            src = s.finetune_dir / f"comparison.{suffix}"
+            if src.is_file():
+                with atomic_path(s.report / f"finetune.{suffix}") as tmp:
+                    shutil.copyfile(src, tmp)
+        return str(shown(s.report / "index.html"))
+
+    run.stamped("report", str(shown(s.report)), "report", settings, work, outputs=lambda _: [s.report / MARKER])
+
+
+@STEPS.register("compare")
+class CompareStep(SuiteStep):
+    """The convexity paper's fixes, fine-tuned with the [finetune] settings for the comparison table only (not
+    probed); runs last, then the report again with the table."""
+
+    Config = CompareTable
+    needs = ("finetune",)
+    order = 90
+
+    def check(self, suite: Suite) -> None:
+        cfg: CompareTable = self.config  # type: ignore[assignment]
+        if cfg.tasks is not None:
+            check_tasks("compare", cfg.tasks, glue_only=True)
+        _check_variants(cfg, cfg.variants)
+
+    def run(self, run: SuiteRun) -> None:
+        _finetune(run, "compare", self.config, self.config.variants, probed=False)  # type: ignore[attr-defined]
+        step = run.suite.steps.get("report")
+        write_report(run, ReportConfig.from_mapping(step.options if step else {}))
