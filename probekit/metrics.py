@@ -45,14 +45,18 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Binary F1 of class id 1 (GLUE's positive class: paraphrase / duplicate)."""
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import (
+        f1_score,
+    )  # deferred: a slow import, for GLUE scores only
 
     return float(f1_score(np.asarray(y_true), np.asarray(y_pred), pos_label=1, average="binary", zero_division=0.0))
 
 
 def mcc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Matthews correlation coefficient (0 when a side is constant, as scikit-learn defines it)."""
-    from sklearn.metrics import matthews_corrcoef
+    from sklearn.metrics import (
+        matthews_corrcoef,
+    )  # deferred: a slow import, for GLUE scores only
 
     return float(matthews_corrcoef(np.asarray(y_true), np.asarray(y_pred)))
 
@@ -67,13 +71,13 @@ def _correlation(fn: Callable[..., Any], y_true: np.ndarray, y_pred: np.ndarray)
 
 
 def pearson(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    from scipy.stats import pearsonr
+    from scipy.stats import pearsonr  # deferred: a slow import, for GLUE scores only
 
     return _correlation(pearsonr, y_true, y_pred)
 
 
 def spearman(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # deferred: a slow import, for GLUE scores only
 
     return _correlation(spearmanr, y_true, y_pred)
 

@@ -28,22 +28,20 @@ class _Group(TyperGroup):
     """The one error boundary: user errors raised anywhere below become one line and exit code 2, with
     the parameter names of the library's messages rendered as the invoked command's flags."""
 
+    resolved: click.Command | None = None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[Any, Any, list[str]]:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        self.resolved = cmd  # the sub-command about to run: its flags render the library's parameter names
+        return name, cmd, rest
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ProbekitError as e:
-            typer.echo(f"error: {e.render(_flags(ctx))}", err=True)
+            flags = {"fresh": "--fresh", "resume": "--resume", **flags_of(self.resolved)}
+            typer.echo(f"error: {e.render(flags)}", err=True)
             raise typer.Exit(code=e.exit_code) from None
-
-
-def _flags(ctx: click.Context) -> dict[str, str]:
-    """Parameter name -> flag of the sub-command that ran (and of its own sub-command, for groups)."""
-    flags = {"fresh": "--fresh", "resume": "--resume"}
-    name = ctx.invoked_subcommand
-    cmd = ctx.command.get_command(ctx, name) if isinstance(ctx.command, click.Group) and name else None
-    if cmd is not None:
-        flags.update(flags_of(cmd))
-    return flags
 
 
 app = typer.Typer(
