@@ -324,7 +324,7 @@ def offramp(results: pd.DataFrame, ctx: Context) -> Section | None:
             for c in (
                 "model",
                 "task",
-                "probe",
+                "mode",
                 "policy",
                 "threshold",
                 "metric",
@@ -348,4 +348,50 @@ def offramp(results: pd.DataFrame, ctx: Context) -> Section | None:
         "Off-ramps and early exit",
         items,
         intro="What an exit after each layer would cost in quality, and what each policy saves.",
+    )
+
+
+@section("finetune")
+def finetune(results: pd.DataFrame, ctx: Context) -> Section | None:
+    """The fine-tuning comparison, from the rows ``probekit finetune`` writes (``source="finetune"``)."""
+    rows = ctx.sources("finetune")
+    if rows.empty or "chosen" not in rows.columns:
+        return None
+    chosen = rows[rows["chosen"].astype("boolean").fillna(False).to_numpy()]
+    task_col = "finetune_task" if "finetune_task" in rows.columns else "task"
+    table = (
+        chosen.groupby([task_col, "mode", "metric"], sort=False)["value"]
+        .agg(mean="mean", std="std", seeds="size")
+        .reset_index()
+        .rename(columns={task_col: "task", "mode": "variant"})
+    )
+    display = table.assign(
+        mean=[_pct(v) for v in table["mean"]],
+        std=["" if pd.isna(v) else f"{100 * v:.1f}" for v in table["std"]],
+    )
+    items: list[FigureItem | TableItem] = [
+        TableItem(
+            "finetune",
+            table,
+            "Dev score of the chosen configuration and epoch per GLUE task and fine-tuning variant "
+            "(mean and standard deviation over seeds, x100).",
+            display=display,
+        )
+    ]
+    if "epoch" in rows.columns and rows["epoch"].notna().any():
+        items.append(
+            FigureItem(
+                "finetune-epochs",
+                plot.finetune_epochs(rows),
+                "Dev score after each epoch of every configuration, per task and variant (one line per "
+                "configuration and seed; the chosen one bold).",
+            )
+        )
+    return Section(
+        "Fine-tuning",
+        items,
+        intro="How each fine-tuning method scores on its own task (the comparison of the convexity paper's fixes).",
+        summary=[
+            f"- {r.task} / {r.variant}: {r.metric} {_pct(r.mean)} ({r.seeds} seed(s))" for r in table.itertuples()
+        ],
     )
