@@ -25,6 +25,7 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 console = Console(stderr=False)
+PATH_COLUMNS = ("cache", "checkpoint", "path", "report", "target")
 
 
 def parse_floats(text: str | None, option: str, example: str = "0.25,0.5,1") -> list[float] | None:
@@ -44,7 +45,8 @@ def print_table(rows: list[dict[str, object]], title: str | None = None) -> None
         return
     table = Table(title=title, show_lines=False)
     for col in rows[0]:
-        table.add_column(str(col), overflow="fold")
+        # words wrap at spaces (never mid-word); only paths, which have no spaces, fold
+        table.add_column(str(col), overflow="fold" if col in PATH_COLUMNS else "ellipsis")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
