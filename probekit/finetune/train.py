@@ -253,6 +253,7 @@ def _check_device(device: str) -> None:
 
 def load_classifier(source: str, data: TaskData, seed: int) -> torch.nn.Module:
     """``AutoModelForSequenceClassification`` for the task (regression head for STS-B), head seeded."""
+    # deferred: transformers is heavy (seconds), needed only to train
     from transformers import AutoModelForSequenceClassification, set_seed
 
     regression = M.is_regression(data.task)
@@ -268,7 +269,7 @@ def load_classifier(source: str, data: TaskData, seed: int) -> torch.nn.Module:
 
 
 def load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers is heavy (seconds), needed only to train
 
     tok = from_pretrained(AutoTokenizer, source)
     if tok.pad_token_id is None:
@@ -293,7 +294,7 @@ def _last_checkpoint(folder: Path) -> Path | None:
 
 
 @dataclass
-class _Job:
+class _FinetuneJob:
     """What every run of one task x variant shares."""
 
     source: str
@@ -309,8 +310,11 @@ class _Job:
     metric_names: list[str]
 
 
-def run_config(job: _Job, seed: int, batch_size: int, lr: float, run_dir: Path, settings: dict[str, Any]) -> dict:
+def run_config(
+    job: _FinetuneJob, seed: int, batch_size: int, lr: float, run_dir: Path, settings: dict[str, Any]
+) -> dict:
     """Train one configuration (resuming its checkpoints); return its ``result.json`` contents."""
+    # deferred: transformers is heavy (seconds), needed only to train
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     done = run_dir / RESULT_FILE
@@ -408,7 +412,9 @@ def _mlm_batches(
         yield collate(ds.tok, idx, ds.pad_id, device)
 
 
-def _summarize(trainer: Any, job: _Job, batch_size: int, lr: float, wall: float, resumed: bool) -> dict[str, Any]:
+def _summarize(
+    trainer: Any, job: _FinetuneJob, batch_size: int, lr: float, wall: float, resumed: bool
+) -> dict[str, Any]:
     """Per-evaluation dev metrics, training losses and the chosen evaluation, from the Trainer's state."""
     state = trainer.state
     key = f"eval_{job.metric}"
@@ -448,10 +454,10 @@ def _task_data(task: str | Task, data_dir: Any) -> TaskData:
     return load_task(spec, data_dir)
 
 
-def _job(source: str, data: TaskData, variant: Variant, options: TrainOptions, tokenizer: Any) -> _Job:
+def _job(source: str, data: TaskData, variant: Variant, options: TrainOptions, tokenizer: Any) -> _FinetuneJob:
     train, dev = prepare_data(data, options.max_train_samples, options.max_dev_samples)
     names = M.task_metrics(data.task)
-    return _Job(
+    return _FinetuneJob(
         source=source,
         data=data,
         train=train,
@@ -501,7 +507,7 @@ def resume_seed(seed_dir: Path, settings: dict[str, Any], inputs: dict[str, Any]
     return decision
 
 
-def finetune_seed(job: _Job, seed: int, seed_dir: Path) -> SeedResult:
+def finetune_seed(job: _FinetuneJob, seed: int, seed_dir: Path) -> SeedResult:
     """Every grid configuration of one seed, then the best one saved to ``seed_dir/best``."""
     opts = job.options
     settings = seed_settings(job.source, job.data.name, job.variant, seed, opts)
@@ -529,8 +535,8 @@ def finetune_seed(job: _Job, seed: int, seed_dir: Path) -> SeedResult:
     return SeedResult(job.data.name, job.variant.slug, seed, best, read_json(best / METRICS_FILE))
 
 
-def _metrics_file(job: _Job, seed: int, settings: dict, runs: list[dict], pick: int, model_dir: Path) -> dict:
-    import transformers
+def _metrics_file(job: _FinetuneJob, seed: int, settings: dict, runs: list[dict], pick: int, model_dir: Path) -> dict:
+    import transformers  # deferred: transformers is heavy (seconds), needed only to train
 
     chosen = runs[pick]
     n_layers = _saved_layers(model_dir)

@@ -386,7 +386,7 @@ class MultiObjective(nn.Module):
     def mlm_loss(self, batch: dict[str, torch.Tensor], train_encoder: bool = True) -> torch.Tensor:
         """Embedding-dropout MLM loss of the extra layer's head on ``batch`` (input_ids, attention_mask, ...);
         with ``train_encoder=False`` no gradient reaches the encoder (or the embeddings)."""
-        from transformers.masking_utils import create_bidirectional_mask
+        from transformers.masking_utils import create_bidirectional_mask  # deferred: transformers is heavy
 
         emb = self.classifier.get_input_embeddings()
         ids, mask = batch["input_ids"], batch["attention_mask"]
