@@ -16,7 +16,7 @@ import probekit
 from probekit.cli import app
 from probekit.encoding import tokenize
 from probekit.errors import ProbekitError
-from probekit.finetune import Grid, MultiObjective, Variant, apply_variant, encoder_layers, finetune
+from probekit.finetune import Grid, MultiObjective, apply_variant, encoder_layers, finetune, make_variant
 from probekit.finetune.train import TextDataset, load_classifier, load_tokenizer
 from tests.helpers import make_tiny_bert, toy_senteval
 
@@ -68,7 +68,7 @@ def tiny3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_loss_falls_checkpoint_reloads_and_extracts(tiny_model: Path, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft"
     run = finetune(tiny_model, "cola", out, seeds=1, grid=FAST, data_dir=data, logging_steps=1, threads=1)
-    [res] = run.results
+    [res] = run.seeds
     m = res.metrics
     losses = [r["loss"] for r in m["runs"][0]["train_loss"]]
     assert len(losses) == 18  # 96 / 16 = 6 steps x 3 epochs
@@ -100,7 +100,7 @@ def test_loss_falls_checkpoint_reloads_and_extracts(tiny_model: Path, data: Path
 
     # a second run does nothing; other settings are refused
     again = finetune(tiny_model, "cola", out, seeds=1, grid=FAST, data_dir=data)
-    assert again.results[0].skipped and again.results[0].metrics == m
+    assert again.seeds[0].skipped and again.seeds[0].metrics == m
     with pytest.raises(ProbekitError, match="other settings"):
         finetune(tiny_model, "cola", out, seeds=1, grid=FAST, data_dir=data, epochs=2)
     assert "| plain | " in (out / "comparison.md").read_text()
@@ -121,13 +121,13 @@ def test_interrupted_run_resumes(tiny_model: Path, data: Path, tmp_path: Path, m
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     monkeypatch.setattr(train, "_summarize", real)
     run = finetune(tiny_model, "cola", tmp_path, seeds=1, grid=Grid((32,), (1e-3,), 2), data_dir=data, threads=1)
-    r = run.results[0].metrics["runs"][0]
+    r = run.seeds[0].metrics["runs"][0]
     assert r["resumed"] and r["steps"] == 6 and len(r["evals"]) == 2
 
 
 def test_copy_layers_copies_weights(tiny3: Path, data: Path) -> None:
     task = probekit.load_task("cola", data)
-    model = apply_variant(load_classifier(str(tiny3), task, seed=0), Variant("copy-layers", copy_from=1))
+    model = apply_variant(load_classifier(str(tiny3), task, seed=0), make_variant("copy-layers", copy_from=1))
     layers = encoder_layers(model)
     assert len(layers) == 3
     for j in (1, 2):
@@ -135,7 +135,7 @@ def test_copy_layers_copies_weights(tiny3: Path, data: Path) -> None:
             assert torch.equal(a, b), (j, name)
             assert a.data_ptr() != b.data_ptr()  # copies, not shared weights
     with pytest.raises(ProbekitError, match="K must be in 1..2"):
-        apply_variant(load_classifier(str(tiny3), task, seed=0), Variant("copy-layers", copy_from=3))
+        apply_variant(load_classifier(str(tiny3), task, seed=0), make_variant("copy-layers", copy_from=3))
 
 
 def test_variants_saved_layer_counts(tiny3: Path, data: Path, tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_variants_saved_layer_counts(tiny3: Path, data: Path, tmp_path: Path) ->
         drop=2,
         copy_from=2,
     )
-    got = {r.variant: r.path for r in run.results}
+    got = {r.variant: r.path for r in run.seeds}
     assert set(got) == {"drop-layers-n2", "copy-layers-k2", "multi-objective"}
     expect = {"drop-layers-n2": 1, "copy-layers-k2": 3, "multi-objective": 3}
     for variant, path in got.items():
@@ -169,7 +169,9 @@ def test_variants_saved_layer_counts(tiny3: Path, data: Path, tmp_path: Path) ->
 def test_multi_objective_adds_an_mlm_loss_over_the_extra_layer(tiny_model: Path, data: Path) -> None:
     task = probekit.load_task("cola", data)
     tok = load_tokenizer(str(tiny_model))
-    model = apply_variant(load_classifier(str(tiny_model), task, seed=0), Variant("multi-objective", mask_ratio=0.5))
+    model = apply_variant(
+        load_classifier(str(tiny_model), task, seed=0), make_variant("multi-objective", mask_ratio=0.5)
+    )
     assert isinstance(model, MultiObjective) and len(encoder_layers(model.classifier)) == 2
     split = task.splits["train"]
     tokens = tokenize(tok, split.texts[:8], None, 32)
@@ -201,9 +203,9 @@ def test_multi_objective_adds_an_mlm_loss_over_the_extra_layer(tiny_model: Path,
 def test_regression_task(tiny_model: Path, tmp_path: Path) -> None:
     data = write_stsb(tmp_path / "data")
     run = finetune(tiny_model, "stsb", tmp_path / "ft", seeds=1, grid=FAST, data_dir=data, max_steps=2, threads=1)
-    m = run.results[0].metrics
+    m = run.seeds[0].metrics
     assert m["metric"] == "pearson" and set(m["metrics"]) == {"pearson", "spearman"}
-    config = AutoModelForSequenceClassification.from_pretrained(run.results[0].path).config
+    config = AutoModelForSequenceClassification.from_pretrained(run.seeds[0].path).config
     assert config.num_labels == 1 and config.problem_type == "regression"
 
 

@@ -4,37 +4,62 @@
 
     from probekit.finetune import finetune
     run = finetune("path/to/minilm", ["cola", "rte"], "runs/ft", seeds=3, grid="default")
-    run.results[0].path          # runs/ft/cola/plain/seed0/best: AutoModel.from_pretrained(...) loads it
+    run.results                  # tidy rows: dev metrics per configuration and epoch (also runs/ft/results.parquet)
+    run.seeds[0].path            # runs/ft/cola/plain/seed0/best: AutoModel.from_pretrained(...) loads it
     run.comparison               # task x variant x seed dev scores (also runs/ft/comparison.csv/.md)
 
-- :mod:`probekit.finetune.train`: the Trainer-based runs, grid, seeds, best checkpoint, resume.
-- :mod:`probekit.finetune.variants`: ``multi-objective``, ``copy-layers``, ``drop-layers``.
-- :mod:`probekit.finetune.table`: the comparison of variants (the paper's Tables 1 and 2).
+- :mod:`probekit.finetune.variants`: :data:`VARIANTS`, one registered class per variant (``plain``,
+  ``multi-objective``, ``copy-layers``, ``drop-layers``; plugins add theirs with :func:`register_variant`).
+- :mod:`probekit.finetune.train`: the Trainer-based runs, :data:`GRIDS`, seeds, best checkpoint, resume.
+- :mod:`probekit.finetune.table`: the comparison of variants (the paper's Tables 1 and 2) and the tidy rows.
 """
 
 from __future__ import annotations
 
-from probekit.finetune.table import comparison, write_comparison
-from probekit.finetune.train import GRIDS, FinetuneRun, Grid, SeedResult, TrainOptions, checkpoint_layers, finetune
+from probekit.finetune.table import comparison, seed_rows, write_comparison, write_results
+from probekit.finetune.train import (
+    GRIDS,
+    Grid,
+    JobOptions,
+    SeedResult,
+    TrainOptions,
+    checkpoint_layers,
+    finetune,
+    option_sources,
+)
 from probekit.finetune.variants import (
     VARIANTS,
+    CopyLayers,
+    DropLayers,
     MultiObjective,
+    MultiObjectiveVariant,
+    Plain,
     Variant,
+    VariantError,
     apply_variant,
     copy_layers,
     drop_layers,
     encoder_layers,
+    make_variant,
+    probed_variants,
+    register_variant,
+    variant_order,
 )
 
 __all__ = [
     "GRIDS",
     "VARIANTS",
-    "FinetuneRun",
+    "CopyLayers",
+    "DropLayers",
     "Grid",
+    "JobOptions",
     "MultiObjective",
+    "MultiObjectiveVariant",
+    "Plain",
     "SeedResult",
     "TrainOptions",
     "Variant",
+    "VariantError",
     "apply_variant",
     "checkpoint_layers",
     "comparison",
@@ -42,5 +67,12 @@ __all__ = [
     "drop_layers",
     "encoder_layers",
     "finetune",
+    "make_variant",
+    "option_sources",
+    "probed_variants",
+    "register_variant",
+    "seed_rows",
+    "variant_order",
     "write_comparison",
+    "write_results",
 ]

@@ -4,18 +4,30 @@
 fine-tuning folder into one row per task, variant and seed; :func:`write_comparison` saves
 that as ``comparison.csv`` and a variant x task Markdown table (``comparison.md``) of the
 dev score's mean and standard deviation over seeds (in percent: MCC for CoLA, accuracy for
-RTE, ...).
+RTE, ...). Variants are ordered as :func:`~probekit.finetune.variants.variant_order` says.
+
+:func:`seed_rows` turns a ``metrics.json`` into tidy results rows (:mod:`probekit.results`,
+source ``finetune``) and :func:`write_results` merges them into ``results.parquet``/``.csv``,
+so that ``probekit report`` reads fine-tuning next to the probes. Besides the schema's columns a
+row has ``epoch``, ``step``, ``batch_size``, ``lr``, ``chosen`` (the selected configuration
+and epoch), ``variant`` (the registered name; ``mode`` is the slug), ``finetune_task`` and
+``n_layers`` (of the checkpoint).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from probekit.finetune.variants import variant_class, variant_order
 from probekit.io import atomic_open, read_json
+from probekit.results import PARQUET, row, save_results, tidy
 
-ORDER = ("plain", "multi-objective", "copy-layers", "drop-layers")
+KEY = ("finetune_task", "mode", "seed")
+"""A fine-tuning row's seed: rows of a seed written again replace the old ones."""
 
 
 def comparison(out: str | Path) -> pd.DataFrame:
@@ -45,9 +57,75 @@ def comparison(out: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*cols, "n_train", "n_dev", "wall_s", "path"])
 
 
-def _variant_key(name: str) -> tuple[int, str]:
-    base = next((i for i, v in enumerate(ORDER) if name == v or name.startswith(v + "-")), len(ORDER))
-    return base, name
+def _variant_key(slug: str) -> tuple[int, str]:
+    order = variant_order()
+    cls = variant_class(slug)
+    return (order.index(cls.name) if cls is not None else len(order)), slug
+
+
+def _model_name(source: str) -> str:
+    """A local checkpoint's folder name, or the hub id."""
+    return Path(source).name if Path(source).is_absolute() else source
+
+
+def seed_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """A seed's ``metrics.json`` as results rows: every configuration's dev metrics per evaluation."""
+    m = metrics
+    chosen = m["chosen"]
+    settings = m.get("settings") or {}
+    variant = (settings.get("variant") or {}).get("name")
+    if variant is None:
+        cls = variant_class(m["variant"])
+        variant = cls.name if cls is not None else m["variant"]
+    rows = []
+    for run in m["runs"]:
+        picked = run["batch_size"] == chosen["batch_size"] and run["lr"] == chosen["lr"]
+        for e in run["evals"]:
+            for name in m["metrics"]:
+                rows.append(
+                    row(
+                        model=_model_name(m["model"]["source"]),
+                        task=m["task"],
+                        layer=None,
+                        split="dev",
+                        metric=name,
+                        value=float(e[name]),
+                        source="finetune",
+                        mode=m["variant"],
+                        probe="finetune",
+                        seed=int(m["seed"]),
+                        n=int(m["data"]["n_dev"]),
+                        max_length=m["hyperparameters"].get("max_length"),
+                        data_sha256=m["data"].get("sha256"),
+                        settings=settings,
+                        epoch=float(e["epoch"]),
+                        step=int(e["step"]),
+                        batch_size=int(run["batch_size"]),
+                        lr=float(run["lr"]),
+                        chosen=bool(picked and e["step"] == chosen["step"]),
+                        variant=variant,
+                        finetune_task=m["task"],
+                        n_layers=int(m["model"]["n_layers"]),
+                    )
+                )
+    return rows
+
+
+def write_results(out: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Merge ``rows`` into ``out/results.parquet`` (and ``.csv``), atomically: rows already there from
+    other tasks, variants, seeds or analyses stay, those of the same seeds are replaced. Returns the file."""
+    out = Path(out)
+    new = tidy(list(rows))
+    if (out / PARQUET).is_file():
+        old = pd.read_parquet(out / PARQUET)
+        if all(c in old.columns for c in ("source", *KEY)):
+            keys = set(new[list(KEY)].astype(str).itertuples(index=False, name=None))
+            mine = (old["source"] == "finetune").to_numpy()
+            same = [tuple(k) in keys for k in old[list(KEY)].astype(str).itertuples(index=False, name=None)]
+            old = old[~(mine & pd.Series(same, dtype=bool).to_numpy())]
+        new = tidy(pd.concat([old, new], ignore_index=True))
+    save_results(new, out)
+    return out / PARQUET
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:

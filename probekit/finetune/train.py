@@ -15,48 +15,57 @@ best kept score is the seed's result. Layout under ``out``::
         result.json                           written last: the run is done
     comparison.csv, comparison.md             dev score per task and variant (mean and sd over seeds)
 
-Everything is resumable: a seed whose ``best/metrics.json`` exists is skipped, so is a
-configuration whose ``result.json`` exists, and an interrupted configuration resumes from
-its last Trainer checkpoint. Outputs made with other settings are never reused: the command
-stops and says which folder to remove. ``best/`` is a standard checkpoint folder of the
+    results.parquet, results.csv              tidy rows (:mod:`probekit.results`, source ``finetune``): the
+                                              dev metrics of every configuration and epoch, ``chosen`` marked
+
+Everything is resumable through :mod:`probekit.fingerprint`: a seed folder holds the stamp of
+the settings and inputs (the data's SHA-256) it is made from. With the same fingerprint a seed
+whose ``best/metrics.json`` exists is skipped, so is a configuration whose ``result.json``
+exists, and an interrupted configuration resumes from its last Trainer checkpoint. Outputs
+made with other settings are never reused: the run stops, names the differing settings and
+the folder to remove (or ``fresh=True`` starts that seed over). ``best/`` is a standard checkpoint folder of the
 sequence classifier: ``AutoModel.from_pretrained(best)`` gives the encoder and
 ``probekit extract --model best`` extracts it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
 from probekit import metrics as M
 from probekit._version import __version__
 from probekit.backbone import from_pretrained, model_source, quiet_hub
+from probekit.config import Config, option
 from probekit.cpu import cpu_threads
 from probekit.data import Split, Task, TaskData, get_task, load_task
 from probekit.encoding import Tokenized, collate, tokenize
-from probekit.errors import ProbekitError
+from probekit.errors import ParamError, ProbekitError
+from probekit.finetune.table import seed_rows, write_comparison, write_results
 from probekit.finetune.variants import (
     MLM_PREFIX,
-    MLM_WARMUP_STEPS,
     VARIANTS,
-    MultiObjective,
     Variant,
-    apply_variant,
     encoder_layers,
-    saved_model,
+    make_variant,
+    variant_options,
 )
+from probekit.fingerprint import check, fingerprint, normalize, read_stamp, write_stamp
 from probekit.io import _UMASK, read_json, remove_tree, replace_dir, write_json
+from probekit.registry import Registry
+from probekit.results import tidy
+from probekit.runs import Run
 
 METRICS_FILE = "metrics.json"
 RESULT_FILE = "result.json"
@@ -65,67 +74,71 @@ DATA_SEED = 1234
 
 
 @dataclass(frozen=True)
-class Grid:
+class Grid(Config):
     """Batch sizes x learning rates, each trained for up to ``epochs`` epochs."""
 
-    batch_sizes: tuple[int, ...]
-    lrs: tuple[float, ...]
-    epochs: int
+    component: ClassVar[str] = "a fine-tuning grid"
+
+    batch_sizes: tuple[int, ...] = option((32,), "Batch sizes of the grid.", ge=1)
+    lrs: tuple[float, ...] = option((5e-5,), "Learning rates of the grid.", gt=0)
+    epochs: int = option(3, "Epochs of every configuration.", ge=1)
 
     def configs(self) -> list[tuple[int, float]]:
         return [(bs, lr) for bs in self.batch_sizes for lr in self.lrs]
 
 
-GRIDS = {
-    "default": Grid((16, 32), (2e-5, 3e-5, 5e-5), 5),
-    "quick": Grid((32,), (5e-5,), 3),
-}
+GRIDS: Registry[Grid] = Registry("fine-tuning grid", "grid")
 """``default``: BERT's fine-tuning grid as the convexity paper uses it; ``quick``: one configuration."""
+GRIDS.register("default", Grid((16, 32), (2e-5, 3e-5, 5e-5), 5), help="batch 16/32 x lr 2e-5/3e-5/5e-5, 5 epochs")
+GRIDS.register("quick", Grid((32,), (5e-5,), 3), help="batch 32, lr 5e-5, 3 epochs")
 
 
 def config_slug(batch_size: int, lr: float) -> str:
     return f"bs{batch_size}-lr{lr:.0e}".replace("e-0", "e-")
 
 
-@dataclass
-class TrainOptions:
+def _grid_help() -> str:
+    return "; ".join(f"{n}: {GRIDS.help(n)}" for n in GRIDS.names())
+
+
+@dataclass(frozen=True)
+class TrainOptions(Config):
     """Settings shared by every run of a fine-tuning job."""
 
-    grid: str | Grid = "default"
-    """A name in ``GRIDS`` or a :class:`Grid`."""
-    epochs: int | None = None
-    """Overrides the grid's number of epochs."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (evaluating every ``eval_steps``; tests and smoke runs)."""
-    eval_steps: int | None = None
-    max_train_samples: int | None = None
-    max_dev_samples: int | None = None
-    max_length: int = 128
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    logging_steps: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    keep_checkpoints: bool = False
-    progress: bool = True
+    component: ClassVar[str] = "fine-tuning"
 
-    def __post_init__(self) -> None:
-        if isinstance(self.grid, str) and self.grid not in GRIDS:
-            raise ProbekitError(f"unknown grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
-        for name in ("epochs", "max_steps", "eval_steps", "max_train_samples", "max_dev_samples", "logging_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ProbekitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ProbekitError(f"unknown precision {self.precision!r}; choose auto, fp32, fp16 or bf16")
+    grid: str = option("default", "Grid of batch sizes x learning rates (and epochs).", choices=GRIDS.names)
+    batch_sizes: tuple[int, ...] | None = option(None, "Batch sizes, replacing the grid's (e.g. 16,32).", ge=1)
+    lrs: tuple[float, ...] | None = option(None, "Learning rates, replacing the grid's (e.g. 2e-5,5e-5).", gt=0)
+    epochs: int | None = option(None, "Override the grid's epochs.", ge=1)
+    max_steps: int | None = option(None, "Stop after this many steps (evaluated at the end).", ge=1)
+    eval_steps: int | None = option(None, "With max_steps: evaluate (and checkpoint) every this many steps.", ge=1)
+    max_train_samples: int | None = option(None, "Train on a fixed random subset of this many examples.", ge=1)
+    max_dev_samples: int | None = option(None, "Evaluate on a fixed random subset of dev.", ge=1)
+    max_length: int = option(128, "Truncate texts to this many tokens.", ge=1)
+    weight_decay: float = option(0.01, "AdamW weight decay.", ge=0)
+    warmup_ratio: float = option(0.1, "Share of the steps warming the learning rate up.", ge=0, le=1)
+    logging_steps: int | None = option(None, "Log the training loss every this many steps.", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto, cpu or cuda.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = option(
+        "auto", "auto: fp32 on CPU, bf16 (else fp16) mixed precision on GPU."
+    )
+    keep_checkpoints: bool = option(False, "Keep the Trainer checkpoints and every configuration's model.")
+    progress: bool = option(True, "Progress bars.", cli=False)
 
     @property
     def grid_spec(self) -> Grid:
-        return GRIDS[self.grid] if isinstance(self.grid, str) else self.grid
+        base = GRIDS.get(self.grid)
+        if self.batch_sizes is None and self.lrs is None:
+            return base
+        return Grid(self.batch_sizes or base.batch_sizes, self.lrs or base.lrs, self.epochs or base.epochs)
 
     @property
     def grid_name(self) -> str | dict[str, Any]:
-        return self.grid if isinstance(self.grid, str) else json.loads(json.dumps(asdict(self.grid)))
+        """The grid's name, or (batch sizes or learning rates given) the grid itself."""
+        if self.batch_sizes is None and self.lrs is None:
+            return GRIDS.canonical(self.grid)
+        return self.grid_spec.to_dict()
 
     @property
     def n_epochs(self) -> int:
@@ -145,6 +158,22 @@ class TrainOptions:
         }
 
 
+@dataclass(frozen=True)
+class JobOptions(Config):
+    """What a fine-tuning job runs besides the training settings: how many seeds, on how many threads."""
+
+    component: ClassVar[str] = "fine-tuning"
+
+    seeds: int = option(3, "Seeds 0..N-1 (each runs the whole grid).", ge=1)
+    threads: int = option(0, "CPU threads for torch (0: its default; 1 is often fastest on a busy CPU).", ge=0)
+
+
+def option_sources() -> list[tuple[str, type[Config]]]:
+    """Every option ``finetune`` takes, by component: the job's, the training's, each variant's (the CLI
+    derives its flags and the suite its [finetune] keys from these)."""
+    return [("fine-tuning", JobOptions), ("fine-tuning", TrainOptions), *variant_options()]
+
+
 @dataclass
 class SeedResult:
     """One task x variant x seed: the best checkpoint and its metrics file."""
@@ -159,16 +188,6 @@ class SeedResult:
     @property
     def value(self) -> float:
         return float(self.metrics["chosen"]["value"])
-
-
-@dataclass
-class FinetuneRun:
-    """What :func:`finetune` made."""
-
-    out: Path
-    results: list[SeedResult] = field(default_factory=list)
-    comparison: Any = None
-    """The comparison table (a DataFrame), also in ``out/comparison.csv``."""
 
 
 # ---------------------------------------------------------------- data
@@ -221,19 +240,20 @@ def _precision(precision: str, device: str) -> str:
     if precision == "auto":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if precision in ("fp16", "bf16") and not cuda:
-        raise ProbekitError(f"--precision {precision} needs a CUDA GPU; use fp32 (or auto) on the CPU")
+        raise ParamError("precision", f"{precision} needs a CUDA GPU; use fp32 (or auto) on the CPU")
     return precision
 
 
 def _check_device(device: str) -> None:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ProbekitError(f"--device {device!r}: choose auto, cpu or cuda (CUDA_VISIBLE_DEVICES picks the GPU)")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ProbekitError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise ProbekitError(
+            "{device} cuda was asked for but no CUDA GPU is available; use {device} cpu", params=("device",)
+        )
 
 
 def load_classifier(source: str, data: TaskData, seed: int) -> torch.nn.Module:
     """``AutoModelForSequenceClassification`` for the task (regression head for STS-B), head seeded."""
+    # deferred: transformers is heavy (seconds), needed only to train
     from transformers import AutoModelForSequenceClassification, set_seed
 
     regression = M.is_regression(data.task)
@@ -249,7 +269,7 @@ def load_classifier(source: str, data: TaskData, seed: int) -> torch.nn.Module:
 
 
 def load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers is heavy (seconds), needed only to train
 
     tok = from_pretrained(AutoTokenizer, source)
     if tok.pad_token_id is None:
@@ -273,22 +293,8 @@ def _last_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1])) if found else None
 
 
-def _check_settings(path: Path, settings: dict[str, Any], folder: Path) -> None:
-    """Stop when ``path`` (a settings or metrics file) was made with other settings."""
-    if not path.is_file():
-        return
-    recorded = read_json(path).get("settings")
-    settings = json.loads(json.dumps(settings, default=str))  # as it reads back (tuples become lists)
-    if recorded != settings:
-        diff = sorted(k for k in set(recorded or {}) | set(settings) if (recorded or {}).get(k) != settings.get(k))
-        raise ProbekitError(
-            f"{folder} was made with other settings ({', '.join(diff)} differ); "
-            "remove it or choose another --out to fine-tune again"
-        )
-
-
 @dataclass
-class _Job:
+class _FinetuneJob:
     """What every run of one task x variant shares."""
 
     source: str
@@ -304,22 +310,20 @@ class _Job:
     metric_names: list[str]
 
 
-def run_config(job: _Job, seed: int, batch_size: int, lr: float, run_dir: Path, settings: dict[str, Any]) -> dict:
+def run_config(
+    job: _FinetuneJob, seed: int, batch_size: int, lr: float, run_dir: Path, settings: dict[str, Any]
+) -> dict:
     """Train one configuration (resuming its checkpoints); return its ``result.json`` contents."""
+    # deferred: transformers is heavy (seconds), needed only to train
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     done = run_dir / RESULT_FILE
-    _check_settings(done, settings, run_dir)
-    if done.is_file():
+    if done.is_file():  # the seed's stamp (checked by the caller) covers its configurations
         return read_json(done)
-    _check_settings(run_dir / "settings.json", settings, run_dir)
-    write_json(run_dir / "settings.json", {"settings": settings})
     opts = job.options
     precision = _precision(opts.precision, opts.device)
-    model = apply_variant(load_classifier(job.source, job.data, seed), job.variant, seed)
-    mlm_order = None
-    if job.variant.name == "multi-objective":
-        mlm_order = np.random.default_rng([seed, 7]).permutation(len(job.train.labels))
+    model = job.variant.apply(load_classifier(job.source, job.data, seed), seed)
+    mlm_order = job.variant.mlm_order(len(job.train.labels), seed)
     pad = int(job.tokenizer.pad_token_id)
     train_ds = TextDataset(job.train_tok, job.train.labels, pad, mlm_order)
     dev_ds = TextDataset(job.dev_tok, job.dev.labels, pad)
@@ -369,21 +373,21 @@ def run_config(job: _Job, seed: int, batch_size: int, lr: float, run_dir: Path, 
     trainer.remove_callback(PrinterCallback)
     resume = _last_checkpoint(ckpt_dir)
     started = time.perf_counter()
-    warmup: list[float] = []
-    if isinstance(model, MultiObjective) and job.variant.mlm_warmup and resume is None:
-        model.to(args.device)
-        warmup = model.warm_up(_mlm_batches(train_ds, batch_size, job.variant.mlm_warmup, seed, args.device))
+    extras: dict[str, Any] = {}
+    if resume is None:
+        extras = job.variant.before_training(
+            model, lambda steps: _mlm_batches(train_ds, batch_size, steps, seed, args.device), args.device
+        )
     with quiet_hub():
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - started
     result = _summarize(trainer, job, batch_size, lr, wall, resumed=resume is not None)
-    if warmup:
-        result["mlm_warmup_loss"] = {"steps": len(warmup), "first": warmup[0], "last10": float(np.mean(warmup[-10:]))}
+    result.update(extras)
     final = run_dir / "model"
     tmp = run_dir / ".model.tmp"
     remove_tree(tmp)
     with quiet_hub():
-        saved_model(trainer.model).save_pretrained(tmp)
+        job.variant.saved(trainer.model).save_pretrained(tmp)
         job.tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():  # some writers leave 0600 files (mkstemp); give them the usual mode
         f.chmod(0o666 & ~_UMASK)
@@ -408,7 +412,9 @@ def _mlm_batches(
         yield collate(ds.tok, idx, ds.pad_id, device)
 
 
-def _summarize(trainer: Any, job: _Job, batch_size: int, lr: float, wall: float, resumed: bool) -> dict[str, Any]:
+def _summarize(
+    trainer: Any, job: _FinetuneJob, batch_size: int, lr: float, wall: float, resumed: bool
+) -> dict[str, Any]:
     """Per-evaluation dev metrics, training losses and the chosen evaluation, from the Trainer's state."""
     state = trainer.state
     key = f"eval_{job.metric}"
@@ -419,7 +425,9 @@ def _summarize(trainer: Any, job: _Job, batch_size: int, lr: float, wall: float,
     ]
     losses = [{"step": int(e["step"]), "loss": float(e["loss"])} for e in state.log_history if "loss" in e]
     if not evals:
-        raise ProbekitError("training ended before any dev evaluation; raise --max-steps or --epochs")
+        raise ProbekitError(
+            "training ended before any dev evaluation; raise {max_steps} or {epochs}", params=("max_steps", "epochs")
+        )
     best_step = None
     if state.best_model_checkpoint:
         best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
@@ -439,14 +447,17 @@ def _summarize(trainer: Any, job: _Job, batch_size: int, lr: float, wall: float,
 # ---------------------------------------------------------------- a seed, a task, the job
 
 
-def _job(source: str, task: str | Task, variant: Variant, options: TrainOptions, data_dir: Any, tokenizer: Any) -> _Job:
+def _task_data(task: str | Task, data_dir: Any) -> TaskData:
     spec = task if isinstance(task, Task) else get_task(task)
     if spec.format != "glue":
         raise ProbekitError(f"task {spec.name!r} is not a GLUE task; fine-tuning reads GLUE tasks (cola, rte, sst2...)")
-    data = load_task(spec, data_dir)
+    return load_task(spec, data_dir)
+
+
+def _job(source: str, data: TaskData, variant: Variant, options: TrainOptions, tokenizer: Any) -> _FinetuneJob:
     train, dev = prepare_data(data, options.max_train_samples, options.max_dev_samples)
     names = M.task_metrics(data.task)
-    return _Job(
+    return _FinetuneJob(
         source=source,
         data=data,
         train=train,
@@ -462,7 +473,7 @@ def _job(source: str, task: str | Task, variant: Variant, options: TrainOptions,
 
 
 def seed_settings(source: str, task: str, variant: Variant, seed: int, options: TrainOptions) -> dict[str, Any]:
-    """What a seed's best checkpoint depends on (recorded in ``metrics.json``; a mismatch stops a re-run)."""
+    """What a seed's best checkpoint depends on (fingerprinted in the seed's stamp, recorded in ``metrics.json``)."""
     return {
         "model": source,
         "task": task,
@@ -473,7 +484,30 @@ def seed_settings(source: str, task: str, variant: Variant, seed: int, options: 
     }
 
 
-def finetune_seed(job: _Job, seed: int, seed_dir: Path) -> SeedResult:
+def seed_inputs(data: TaskData) -> dict[str, Any]:
+    """What a seed reads besides its settings: the data file (by its SHA-256)."""
+    return {"data": data.sha256}
+
+
+def resume_seed(seed_dir: Path, settings: dict[str, Any], inputs: dict[str, Any], fresh: bool = False) -> str:
+    """The resume rule (:func:`probekit.fingerprint.check`) for a seed folder: ``"new"``, ``"reuse"`` or
+    ``"fresh"`` (the folder is then removed), or a :class:`~probekit.errors.ResumeError`. A finished seed
+    written before stamps existed is judged by the settings its ``metrics.json`` recorded."""
+    stamp = read_stamp(seed_dir)
+    legacy = seed_dir / "best" / METRICS_FILE
+    if stamp is None and legacy.is_file():
+        recorded = read_json(legacy).get("settings") or {}
+        stamp = {"fingerprint": fingerprint(recorded, inputs), "settings": recorded, "inputs": normalize(inputs)}
+    decision = check(stamp, settings, inputs, where=seed_dir, fresh=fresh, what="a fine-tuning run")
+    if decision == "fresh":
+        remove_tree(seed_dir)
+    if decision != "reuse" or read_stamp(seed_dir) is None:
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        write_stamp(seed_dir, settings, inputs)
+    return decision
+
+
+def finetune_seed(job: _FinetuneJob, seed: int, seed_dir: Path) -> SeedResult:
     """Every grid configuration of one seed, then the best one saved to ``seed_dir/best``."""
     opts = job.options
     settings = seed_settings(job.source, job.data.name, job.variant, seed, opts)
@@ -501,8 +535,8 @@ def finetune_seed(job: _Job, seed: int, seed_dir: Path) -> SeedResult:
     return SeedResult(job.data.name, job.variant.slug, seed, best, read_json(best / METRICS_FILE))
 
 
-def _metrics_file(job: _Job, seed: int, settings: dict, runs: list[dict], pick: int, model_dir: Path) -> dict:
-    import transformers
+def _metrics_file(job: _FinetuneJob, seed: int, settings: dict, runs: list[dict], pick: int, model_dir: Path) -> dict:
+    import transformers  # deferred: transformers is heavy (seconds), needed only to train
 
     chosen = runs[pick]
     n_layers = _saved_layers(model_dir)
@@ -556,13 +590,25 @@ def _device_name(device: str) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def _variants(variants: str | Variant | Sequence[str | Variant], **params: Any) -> list[Variant]:
-    """Variants from names (``all``: every one) and their parameters (``copy_from``, ``drop``, ...)."""
+def _variants(variants: str | Variant | Sequence[str | Variant], params: Mapping[str, Any]) -> list[Variant]:
+    """Variants from names (``all``: every registered one) or objects, named ones taking their options
+    from ``params`` (``copy_from``, ``drop``, ``mlm_weight``...)."""
     items = [variants] if isinstance(variants, (str, Variant)) else list(variants)
-    if "all" in items:
-        items = list(VARIANTS)
-    out = [v if isinstance(v, Variant) else Variant(v, **params) for v in items]
+    if any(isinstance(v, str) and v == "all" for v in items):
+        items = [v for v in items if not (isinstance(v, str) and v == "all")] + VARIANTS.names()
+    out = [make_variant(v, **params) for v in items]
     return list(dict.fromkeys(out))
+
+
+def _split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``params`` as training options and variants' options; an option of neither is a :class:`ParamError`."""
+    train = set(TrainOptions.field_names())
+    of_variants = {f for _, cls in variant_options() for f in cls.field_names()}
+    for key in params:
+        if key not in train and key not in of_variants:
+            known = ", ".join([*TrainOptions.field_names(), *sorted(of_variants)])
+            raise ParamError(key, f"is not an option of fine-tuning; its options: {known}")
+    return {k: v for k, v in params.items() if k in train}, {k: v for k, v in params.items() if k in of_variants}
 
 
 def finetune(
@@ -572,65 +618,57 @@ def finetune(
     seeds: int | Sequence[int] = 3,
     grid: str | Grid = "default",
     variants: str | Variant | Sequence[str | Variant] = "plain",
-    copy_from: int | None = None,
-    drop: int | None = None,
-    mlm_weight: float = 1.0,
-    mlm_warmup: int = MLM_WARMUP_STEPS,
-    max_train_samples: int | None = None,
-    max_dev_samples: int | None = None,
-    epochs: int | None = None,
-    max_steps: int | None = None,
-    eval_steps: int | None = None,
-    max_length: int = 128,
-    logging_steps: int | None = None,
+    *,
     data_dir: str | Path | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    keep_checkpoints: bool = False,
     threads: int | None = None,
-    progress: bool = True,
-) -> FinetuneRun:
+    fresh: bool = False,
+    **options: Any,
+) -> Run:
     """What ``probekit finetune`` runs: fine-tune ``model`` on each task, variant and seed; best
-    checkpoints under ``out/<task>/<variant>/seed<k>/best``; update ``out/comparison.{csv,md}``.
+    checkpoints under ``out/<task>/<variant>/seed<k>/best``; update ``out/comparison.{csv,md}`` and the
+    tidy rows in ``out/results.{parquet,csv}``.
 
-    ``seeds``: a count (seeds 0..n-1) or a list. ``variants``: names (``plain``,
-    ``multi-objective``, ``copy-layers``, ``drop-layers``, or ``all``) or :class:`Variant`;
-    ``copy_from``, ``drop``, ``mlm_weight`` and ``mlm_warmup`` parameterise the named ones.
-    Already finished seeds and runs are skipped; interrupted ones resume. ``threads``: CPU
-    threads for torch while it runs (on a busy CPU, 1 is often much faster than
-    oversubscribing the cores).
+    ``seeds``: a count (seeds 0..n-1) or a list. ``grid``: a name in :data:`GRIDS` or a :class:`Grid`.
+    ``variants``: names in :data:`VARIANTS` (or ``all``) or :class:`Variant` objects. ``options``: the
+    fields of :class:`TrainOptions` (``epochs``, ``max_steps``, ``max_train_samples``, ``device``...)
+    and of the named variants (``copy_from``, ``drop``, ``mlm_weight``, ``mlm_warmup``...). Finished
+    seeds and runs with the same fingerprint are reused, interrupted ones resume; other settings are
+    refused unless ``fresh``. ``threads``: CPU threads for torch while it runs (on a busy CPU, 1 is
+    often much faster than oversubscribing the cores).
+
+    Returns a :class:`~probekit.runs.Run`: ``results`` the tidy rows of these tasks, variants and
+    seeds; ``seeds`` the :class:`SeedResult` list; ``comparison`` the comparison table.
     """
-    from probekit.finetune.table import write_comparison
-
-    _check_device(device)
-    options = TrainOptions(
-        grid=grid,
-        epochs=epochs,
-        max_steps=max_steps,
-        eval_steps=eval_steps,
-        max_train_samples=max_train_samples,
-        max_dev_samples=max_dev_samples,
-        max_length=max_length,
-        logging_steps=logging_steps,
-        device=device,
-        precision=precision,
-        keep_checkpoints=keep_checkpoints,
-        progress=progress,
-    )
-    _precision(precision, device)
+    started = time.perf_counter()
+    train_params, variant_params = _split_params(options)
+    if isinstance(grid, Grid):
+        custom = {"batch_sizes": grid.batch_sizes, "lrs": grid.lrs, "epochs": train_params.get("epochs") or grid.epochs}
+        train_params = {**train_params, **custom}
+    else:
+        train_params["grid"] = grid
+    opts = TrainOptions.from_mapping(train_params)
+    _check_device(opts.device)
+    _precision(opts.precision, opts.device)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
-        raise ProbekitError("no seed given (--seeds must be at least 1)")
+        raise ParamError("seeds", "no seed given (must be at least 1)")
     task_list = [tasks] if isinstance(tasks, (str, Task)) else list(tasks)
     if not task_list:
-        raise ProbekitError("no task given; pass --task (e.g. --task cola)")
-    variant_list = _variants(variants, copy_from=copy_from, drop=drop, mlm_weight=mlm_weight, mlm_warmup=mlm_warmup)
+        raise ParamError("task", "no task given (e.g. cola)")
+    variant_list = _variants(variants, variant_params)
     source = model_source(model)
     out = Path(out)
-    with cpu_threads(threads):
-        run = _finetune_all(source, task_list, variant_list, seed_list, out, options, data_dir)
-    run.comparison = write_comparison(out)
-    return run
+    with cpu_threads(threads or None):
+        results = _finetune_all(source, task_list, variant_list, seed_list, out, opts, data_dir, fresh)
+    table = write_comparison(out)
+    rows = [r for res in results for r in seed_rows(res.metrics)]
+    paths = {"out": out, "results": write_results(out, rows), "comparison": out / "comparison.csv"}
+    return Run(
+        results=tidy(rows) if rows else pd.DataFrame(),
+        paths=paths,
+        timings={"finetune": round(time.perf_counter() - started, 2)},
+        details={"seeds": results, "comparison": table, "options": opts, "variants": variant_list},
+    )
 
 
 def _finetune_all(
@@ -641,26 +679,28 @@ def _finetune_all(
     out: Path,
     options: TrainOptions,
     data_dir: str | Path | None,
-) -> FinetuneRun:
-    run = FinetuneRun(out=out)
+    fresh: bool,
+) -> list[SeedResult]:
+    results: list[SeedResult] = []
     tokenizer = None
     for task in task_list:
+        data = _task_data(task, data_dir)
+        inputs = seed_inputs(data)
         for variant in variant_list:
             job = None
             for seed in seed_list:
-                task_name = task.name if isinstance(task, Task) else get_task(task).name
-                seed_dir = out / task_name / variant.slug / f"seed{seed}"
-                settings = seed_settings(source, task_name, variant, seed, options)
+                seed_dir = out / data.name / variant.slug / f"seed{seed}"
+                settings = seed_settings(source, data.name, variant, seed, options)
+                decision = resume_seed(seed_dir, settings, inputs, fresh)
                 best = seed_dir / "best"
-                _check_settings(best / METRICS_FILE, settings, best)
-                if (best / METRICS_FILE).is_file():  # done: no need to load the data or the tokenizer
+                if decision == "reuse" and (best / METRICS_FILE).is_file():  # done: no tokenizer, no training
                     metrics = read_json(best / METRICS_FILE)
-                    run.results.append(SeedResult(task_name, variant.slug, seed, best, metrics, skipped=True))
+                    results.append(SeedResult(data.name, variant.slug, seed, best, metrics, skipped=True))
                     continue
                 tokenizer = tokenizer or load_tokenizer(source)
-                job = job or _job(source, task, variant, options, data_dir, tokenizer)
-                run.results.append(finetune_seed(job, seed, seed_dir))
-    return run
+                job = job or _job(source, data, variant, options, tokenizer)
+                results.append(finetune_seed(job, seed, seed_dir))
+    return results
 
 
 def checkpoint_layers(path: str | Path) -> int:
@@ -670,8 +710,8 @@ def checkpoint_layers(path: str | Path) -> int:
 
 __all__ = [
     "GRIDS",
-    "FinetuneRun",
     "Grid",
+    "JobOptions",
     "SeedResult",
     "TextDataset",
     "TrainOptions",
