@@ -113,7 +113,10 @@ def _python_types(spec: FieldSpec) -> tuple[type, ...]:
 
 def _check_types(path: Path, where: str, table: Mapping[str, Any], configs: list[type[Config]]) -> None:
     """TOML types first (a string where a number belongs), in the file's words."""
-    specs = {s.name: s for c in configs for s in fields_of(c)}
+    specs: dict[str, FieldSpec] = {}
+    for c in configs:  # a step's own field wins over a component's of the same name
+        for s in fields_of(c):
+            specs.setdefault(s.name, s)
     for key, value in table.items():
         spec = specs.get(key)
         if spec is None:
@@ -130,8 +133,9 @@ def table_error(path: Path, where: str, e: ProbekitError, keys: list[str]) -> Da
     names = {p: (p if p in keys else "--" + p.replace("_", "-")) for p in e.params}
     if isinstance(e, ParamError) and e.detail.startswith(("is not a key", "is not an option")):
         return DataError(path, f"unknown key {e.param!r} in {where}; allowed: {', '.join(sorted(keys))}")
-    if isinstance(e, ParamError) and e.param in keys:
-        return DataError(path, f"{where} {e.param} {e.detail.removeprefix(': ')}")
+    prefix = "{" + getattr(e, "param", "") + "}: "
+    if isinstance(e, ParamError) and e.param in keys and e.template.startswith(prefix):  # "key: what is wrong"
+        return DataError(path, f"{where} {e.param} {e.render(names).removeprefix(e.param + ': ')}")
     return DataError(path, f"{where} {e.render(names)}")
 
 

@@ -19,15 +19,20 @@ from probekit import extraction, probes, report
 from probekit.config import Config, option
 from probekit.data import get_task, locate
 from probekit.errors import ProbekitError
+from probekit.finetune import (
+    GRIDS,
+    TrainOptions,
+    Variant,
+    make_variant,
+    option_sources,
+    probed_variants,
+)
 from probekit.finetune import finetune as finetune_runner
-from probekit.finetune.train import GRIDS
-from probekit.finetune.variants import Variant
+from probekit.finetune.variants import variant_options
 from probekit.io import atomic_path, read_json, sha256_file
 from probekit.report import MARKER, ReportConfig
 from probekit.suite.base import STEPS, Step, SuiteRun, SuiteStep, shown
 from probekit.suite.file import Suite, check_tasks
-
-PROBED_VARIANTS = ("plain", "multi-objective", "copy-layers")
 
 
 def _seeds(value: int | Sequence[int]) -> list[int]:
@@ -58,27 +63,13 @@ def _data_identity(tasks: Sequence[str], data_dir: Path | None) -> list[Any]:
 # ---------------------------------------------------------------- fine-tuning
 
 
-VARIANT_KEYS = ("copy_from", "drop", "mlm_weight", "mlm_warmup")
-
-
 @dataclass(frozen=True)
 class FinetuneTable(Config):
     component = "[finetune]"
     tasks: tuple[str, ...] = option(help="GLUE tasks to fine-tune on.")
-    seeds: int | tuple[int, ...] = option(3, "A count (seeds 0..n-1) or a list.", ge=0)
-    grid: str = option("default", "The learning-rate x batch-size grid: default or quick.")
     variants: tuple[str, ...] = option(("plain",), "Fine-tuned and probed variants (they keep the model's depth).")
-    copy_from: int | None = option(None, "copy-layers: the layer copied into the layers above it.", ge=1)
-    drop: int | None = option(None, "drop-layers: how many top layers to remove.", ge=1)
-    mlm_weight: float | None = option(None, "multi-objective: weight of the MLM loss.", gt=0)
-    mlm_warmup: int | None = option(None, "multi-objective: MLM-head warm-up steps.", ge=0)
     max_train_samples: int | dict[str, int] | None = option(None, "A number for every task, or per task.", ge=1)
     max_dev_samples: int | dict[str, int] | None = option(None, "A number for every task, or per task.", ge=1)
-    epochs: int | None = option(None, "Override the grid's epochs.", ge=1)
-    max_steps: int | None = option(None, "Stop after this many steps.", ge=1)
-    max_length: int = option(128, "Truncate texts to this many tokens.", ge=2)
-    precision: str = option("auto", "auto, fp32, fp16 or bf16.")
-    device: str = option("auto", "auto, cpu or cuda.")
 
 
 @dataclass(frozen=True)
@@ -86,49 +77,39 @@ class CompareTable(Config):
     component = "[compare]"
     variants: tuple[str, ...] = option(help="Variants fine-tuned for the comparison table only (not probed).")
     tasks: tuple[str, ...] | None = option(None, "GLUE tasks (default: [finetune]'s).")
-    copy_from: int | None = option(None, "copy-layers: the layer copied into the layers above it.", ge=1)
-    drop: int | None = option(None, "drop-layers: how many top layers to remove.", ge=1)
-    mlm_weight: float | None = option(None, "multi-objective: weight of the MLM loss.", gt=0)
-    mlm_warmup: int | None = option(None, "multi-objective: MLM-head warm-up steps.", ge=0)
 
 
-def _variant(name: str, config: Config) -> Variant:
-    params = {k: getattr(config, k) for k in VARIANT_KEYS if getattr(config, k, None) is not None}
-    return Variant(name, **params)
+def _variant_options() -> list[type[Config]]:
+    return [cfg for _, cfg in variant_options()]
 
 
-def _finetune(run: SuiteRun, step: str, config: Config, variants: Sequence[str], probed: bool) -> None:
+def _finetune(run: SuiteRun, step: str, variants: Sequence[Variant], tasks: Sequence[str], probed: bool) -> None:
     """Fine-tune every task x variant with the [finetune] settings; ``finetune`` itself skips finished
     seeds and refuses outputs made with other settings."""
     s: Suite = run.suite
-    ft: FinetuneTable = s.steps["finetune"].config  # type: ignore[assignment]
-    tasks = getattr(config, "tasks", None) or ft.tasks
-    for name in variants:  # variant by variant: each finished variant completes a row of the comparison
-        variant = _variant(name, config)
+    ft: FinetuneStep = s.steps["finetune"]  # type: ignore[assignment]
+    variant_keys = {k for c in _variant_options() for k in c.field_names()}
+    train = {k: v for k, v in ft.options.items() if k not in variant_keys}
+    for variant in variants:  # variant by variant: each finished variant completes a row of the comparison
         for task in tasks:
             t0 = time.perf_counter()
             res = finetune_runner(
                 s.model,
                 task,
                 s.finetune_dir,
-                seeds=_seeds(ft.seeds),
-                grid=ft.grid,
                 variants=[variant],
-                max_train_samples=_per_task(ft.max_train_samples, task),
-                max_dev_samples=_per_task(ft.max_dev_samples, task),
-                epochs=ft.epochs,
-                max_steps=ft.max_steps,
-                max_length=ft.max_length,
+                max_train_samples=_per_task(ft.config.max_train_samples, task),  # type: ignore[attr-defined]
+                max_dev_samples=_per_task(ft.config.max_dev_samples, task),  # type: ignore[attr-defined]
                 data_dir=s.data_dir,
-                device=ft.device,
-                precision=ft.precision,
                 progress=run.progress,
+                **train,
             )
-            seeds = getattr(res, "seeds", None) or res.results
+            seeds = res.seeds
             skipped = all(r.skipped for r in seeds)
             detail = ", ".join(f"seed {r.seed}: {r.metrics['metric']} {100 * r.value:.1f}" for r in seeds)
             seconds = 0.0 if skipped else round(time.perf_counter() - t0, 2)
             run.record(Step(step, f"{task}/{variant.slug}", "skipped" if skipped else "ran", seconds, detail))
+            run.results.setdefault("finetune", [s.finetune_dir])
             if probed:
                 suffix = "" if variant.name == "plain" else f"-{variant.slug}"
                 for r in seeds:
@@ -140,11 +121,6 @@ def _finetune(run: SuiteRun, step: str, config: Config, variants: Sequence[str],
                     }
 
 
-def _check_variants(config: Config, names: Sequence[str]) -> None:
-    for v in names:
-        _variant(str(v), config)
-
-
 @STEPS.register("finetune")
 class FinetuneStep(SuiteStep):
     """Fine-tune the model on GLUE tasks; every best checkpoint is then extracted and probed."""
@@ -152,21 +128,28 @@ class FinetuneStep(SuiteStep):
     Config = FinetuneTable
     order = 10
 
+    @classmethod
+    def components(cls) -> Sequence[type[Config]]:
+        return [cfg for _, cfg in option_sources()]
+
     def check(self, suite: Suite) -> None:
         cfg: FinetuneTable = self.config  # type: ignore[assignment]
-        bad = [v for v in cfg.variants if v not in PROBED_VARIANTS]
+        probed = probed_variants()
+        bad = [v for v in cfg.variants if v not in probed]
         if bad:
             raise ProbekitError(
                 f"variants {bad}: the probed variants must keep the model's depth "
-                f"({', '.join(PROBED_VARIANTS)}); put drop-layers under [compare] for the comparison table"
+                f"({', '.join(probed)}); put drop-layers under [compare] for the comparison table"
             )
         check_tasks("finetune", cfg.tasks, glue_only=True)
-        if cfg.grid not in GRIDS:
-            raise ProbekitError(f"grid {cfg.grid!r} is not one of {', '.join(GRIDS)}")
-        _check_variants(cfg, cfg.variants)
+        grid = self.options.get("grid", "default")
+        if isinstance(grid, str) and grid not in GRIDS:
+            raise ProbekitError(f"grid {grid!r} is not one of {', '.join(GRIDS.names())}")
+        TrainOptions.from_mapping({k: v for k, v in self.options.items() if k in TrainOptions.field_names()})
+        self.variants = [make_variant(v, **self.options) for v in cfg.variants]
 
     def run(self, run: SuiteRun) -> None:
-        _finetune(run, "finetune", self.config, self.config.variants, probed=True)  # type: ignore[attr-defined]
+        _finetune(run, "finetune", self.variants, self.config.tasks, probed=True)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- extraction and probing
@@ -371,13 +354,18 @@ class CompareStep(SuiteStep):
     needs = ("finetune",)
     order = 90
 
+    @classmethod
+    def components(cls) -> Sequence[type[Config]]:
+        return _variant_options()
+
     def check(self, suite: Suite) -> None:
         cfg: CompareTable = self.config  # type: ignore[assignment]
         if cfg.tasks is not None:
             check_tasks("compare", cfg.tasks, glue_only=True)
-        _check_variants(cfg, cfg.variants)
+        self.variants = [make_variant(v, **self.options) for v in cfg.variants]
 
     def run(self, run: SuiteRun) -> None:
-        _finetune(run, "compare", self.config, self.config.variants, probed=False)  # type: ignore[attr-defined]
+        tasks = self.config.tasks or run.suite.steps["finetune"].config.tasks  # type: ignore[attr-defined]
+        _finetune(run, "compare", self.variants, tasks, probed=False)
         step = run.suite.steps.get("report")
         write_report(run, ReportConfig.from_mapping(step.options if step else {}))
