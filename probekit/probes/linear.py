@@ -52,7 +52,7 @@ class LinearConfig(KindConfig):
 
     component: ClassVar[str] = "the linear probe"
     grid: tuple[float, ...] = option(
-        (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "C grid (inverse L2 strength), selected on dev.", gt=0
+        (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "Comma-separated C grid (inverse L2 strength), selected on dev.", gt=0
     )
     max_iter: int = option(1000, "L-BFGS iteration limit.", ge=1)
     tol: float = option(1e-4, "Gradient tolerance (scikit-learn's tol).", gt=0)

@@ -36,7 +36,7 @@ class MLPConfig(KindConfig):
 
     component: ClassVar[str] = "the MLP probe"
     grid: tuple[float, ...] = option(
-        (1e-5, 1e-4, 1e-3, 1e-2), "Weight decay grid (L2 strength), selected on dev.", gt=0
+        (1e-5, 1e-4, 1e-3, 1e-2), "Comma-separated weight decay grid (L2 strength), selected on dev.", gt=0
     )
     nhid: int = option(50, "Hidden units.", ge=1)
     dropout: float = option(0.1, "Dropout on the hidden layer.", ge=0, lt=1)
