@@ -147,7 +147,7 @@ def test_probe_spreads_caches_over_ranks(tiny_model: Path, tmp_path: Path) -> No
 
     tasks = [toy_senteval(tmp_path / f"task{i}.txt", n=(60, 20, 20), seed=i) for i in range(3)]
     extract(tiny_model, tasks, tmp_path / "caches", name="tiny", progress=False)
-    single = probe(tmp_path / "caches", progress=False)
+    single = probe(tmp_path / "caches", progress=False).results
     torchrun(2, ["-m", "probekit", "probe", str(tmp_path / "caches"), "--out", str(tmp_path / "res"), "--quiet"])
     multi = load_results(tmp_path / "res")
     key = ["task", "layer", "split", "metric", "seed"]

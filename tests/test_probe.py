@@ -100,7 +100,7 @@ def minilm_caches(minilm: Path, shared_data: Path, tmp_path_factory: pytest.Temp
 
 @pytest.mark.slow
 def test_agrees_with_sklearn_on_real_minilm_features(minilm_caches: list[LayerCache]) -> None:
-    results = probekit.probe(minilm_caches, seeds=1, device="cpu", control=False, progress=False)
+    results = probekit.probe(minilm_caches, seeds=1, device="cpu", control=False, progress=False).results
     for cache in minilm_caches:
         rows = results[(results["task"] == cache.task) & (results["split"] == "test") & (results["metric"] == "acc")]
         ours = rows.sort_values("layer")["value"].to_numpy()
@@ -157,7 +157,7 @@ def tiny_cache(tiny_cache_master: Path, tmp_path: Path) -> Path:
 
 
 def test_rows_baselines_and_selectivity(tiny_cache: Path) -> None:
-    df = probekit.probe(tiny_cache, seeds=2, device="cpu", progress=False)
+    df = probekit.probe(tiny_cache, seeds=2, device="cpu", progress=False).results
     cache = LayerCache.open(tiny_cache)
     assert set(df["source"]) == {"probe"} and set(df["probe"]) == {"linear"}
     assert set(df["split"]) == {"dev", "test"} and set(df["layer"]) == {0, 1, 2} and set(df["seed"]) == {0, 1}
@@ -185,8 +185,8 @@ def test_rows_baselines_and_selectivity(tiny_cache: Path) -> None:
 
 
 def test_same_seed_same_numbers_and_seed_summary(tiny_cache: Path) -> None:
-    a = probekit.probe(tiny_cache, seeds=2, device="cpu", progress=False)
-    b = probekit.probe(tiny_cache, seeds=2, device="cpu", progress=False)
+    a = probekit.probe(tiny_cache, seeds=2, device="cpu", progress=False).results
+    b = probekit.probe(tiny_cache, seeds=2, device="cpu", progress=False).results
     pd.testing.assert_frame_equal(a, b)
     control = a[(a["metric"] == "control_acc") & (a["split"] == "dev")].pivot_table(
         index="layer", columns="seed", values="value"
@@ -199,9 +199,9 @@ def test_same_seed_same_numbers_and_seed_summary(tiny_cache: Path) -> None:
 
 def test_mlp_is_deterministic_too(tiny_cache: Path) -> None:
     with pytest.warns(UserWarning, match="mlp probe fit.* stopped at the limit .* raise --max-epoch"):
-        a = probekit.probe(tiny_cache, kind="mlp", device="cpu", progress=False, max_epoch=8)
+        a = probekit.probe(tiny_cache, kind="mlp", device="cpu", progress=False, max_epoch=8).results
     with pytest.warns(UserWarning, match="stopped at the limit"):
-        b = probekit.probe(tiny_cache, kind="mlp", device="cpu", progress=False, max_epoch=8)
+        b = probekit.probe(tiny_cache, kind="mlp", device="cpu", progress=False, max_epoch=8).results
     pd.testing.assert_frame_equal(a, b)
     assert set(a["probe"]) == {"mlp"} and a[a["metric"] == "acc"]["reg"].isin([1e-5, 1e-4, 1e-3, 1e-2]).all()
 
@@ -255,7 +255,7 @@ def test_nonfinite_features_warn_naming_task_and_layer_and_are_left_out(tiny_cac
 
     _rewrite(tiny_cache, "train.features.npy", overflow)
     with pytest.warns(UserWarning, match=r"toy: layer\(s\) \[1\] have NaN/inf"):
-        df = probekit.probe(tiny_cache, device="cpu", progress=False)
+        df = probekit.probe(tiny_cache, device="cpu", progress=False).results
     assert set(df["layer"]) == {0, 2} and np.isfinite(df["value"]).all()
     _rewrite(tiny_cache, "dev.features.npy", lambda x: np.full_like(x, np.nan))
     with pytest.raises(ProbekitError, match="every layer has NaN/inf"), warnings.catch_warnings():
@@ -307,13 +307,13 @@ def test_cli_errors_exit_2_with_one_line(tmp_path: Path) -> None:
 
 def test_resume_skips_fits_already_done(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "results"
-    first = probekit.probe(tiny_cache, seeds=1, device="cpu", out=out, progress=False)
+    first = probekit.probe(tiny_cache, seeds=1, device="cpu", out=out, progress=False).results
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("refitted")
 
     monkeypatch.setattr(LayerwiseProbe, "fit", fail)
-    again = probekit.probe(tiny_cache, seeds=1, device="cpu", out=out, progress=False)
+    again = probekit.probe(tiny_cache, seeds=1, device="cpu", out=out, progress=False).results
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
     with pytest.raises(AssertionError, match="refitted"):  # other settings: fitted again
         probekit.probe(tiny_cache, seeds=1, device="cpu", out=out, progress=False, grid=[1.0])

@@ -1,20 +1,33 @@
 """Layerwise probes: SentEval's protocol on every layer at once.
 
     import probekit
-    df = probekit.probe("caches/minilm", kind="linear", seeds=3, out="results")
+    run = probekit.probe("caches/minilm", kind="linear", seeds=3, out="results")
+    run.results                              # the tidy table (probekit.results)
     lp = probekit.LayerwiseProbe(kind="mlp").fit(X_train, y_train, X_dev, y_dev)
     lp.score(X_test, y_test)                 # accuracy per layer
 
-Modules: :mod:`.base` (what a probe kind is, the registry), :mod:`.linear` (logistic
-regression, scikit-learn's objective), :mod:`.lbfgs` (the batched optimiser), :mod:`.mlp`
-(SentEval's MLP), :mod:`.layerwise` (selection, control, baselines), :mod:`.run` (caches in,
-results table out), :mod:`.table` (the printed summary).
+Modules: :mod:`.base` (what a probe kind is, the registry :data:`PROBE_KINDS`), :mod:`.linear`
+(logistic regression, scikit-learn's objective), :mod:`.lbfgs` (the batched optimiser),
+:mod:`.mlp` (SentEval's MLP), :mod:`.layerwise` (selection, control, baselines, rows),
+:mod:`.run` (caches in, a ``Run`` out), :mod:`.table` (the printed summary).
 """
 
 from probekit.metrics import wilson
-from probekit.probes import linear, mlp  # noqa: F401  (registers the kinds)
-from probekit.probes.base import KINDS, ProbeKind, register
+from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe
+from probekit.probes.linear import LinearConfig, LogisticProbe
+from probekit.probes.mlp import MLPConfig, MLPProbe
 from probekit.probes.run import probe
 
-__all__ = ["KINDS", "LayerwiseProbe", "ProbeKind", "probe", "register", "wilson"]
+__all__ = [
+    "PROBE_KINDS",
+    "KindConfig",
+    "LayerwiseProbe",
+    "LinearConfig",
+    "LogisticProbe",
+    "MLPConfig",
+    "MLPProbe",
+    "ProbeKind",
+    "probe",
+    "wilson",
+]

@@ -3,63 +3,83 @@
 A kind trains one classifier per (layer, label set, regularisation value) on shared
 inputs, all at once, and predicts with every one of them. Everything around it (label
 mapping, the shuffled-label control, selection on dev, baselines, intervals) is
-:class:`~probekit.probes.layerwise.LayerwiseProbe`'s job, so a new kind is one class
-registered here with :func:`register`.
+:class:`~probekit.probes.layerwise.LayerwiseProbe`'s job, so a new kind is one class in one
+place: a ``Config`` dataclass of its options (with a ``grid`` field) and ``fit``/``predict``,
+registered in :data:`PROBE_KINDS`. Its options then reach ``LayerwiseProbe(kind=...)``,
+``probekit.probe(...)``, the suite files and ``probekit probe --help`` without another edit::
+
+    @PROBE_KINDS.register("centroid")
+    class CentroidProbe(ProbeKind):
+        reg_name, step_name, limit_option = "shrinkage", "iter", ""
+
+        @dataclass(frozen=True)
+        class Config(KindConfig):
+            component = "the centroid probe"
+            grid: tuple[float, ...] = option((1.0,), "Shrinkage grid.", gt=0)
+
+        def fit(self, X, Y, n_classes, dev=None, callback=None): ...
+        def predict(self, X): ...
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from probekit.errors import ProbekitError
-
-KINDS: dict[str, type[ProbeKind]] = {}
-
-
-def register(cls: type[ProbeKind]) -> type[ProbeKind]:
-    """Class decorator: make a kind available as ``LayerwiseProbe(kind=cls.name)``."""
-    KINDS[cls.name] = cls
-    return cls
+from probekit.config import Config
+from probekit.errors import ParamError
+from probekit.registry import Registry
 
 
-def get_kind(name: str) -> type[ProbeKind]:
-    if name not in KINDS:
-        raise ProbekitError(f"unknown probe {name!r}; choose one of {', '.join(KINDS)}")
-    return KINDS[name]
+@dataclass(frozen=True)
+class KindConfig(Config):
+    """Base of a probe kind's options: every kind has a ``grid`` of positive regularisation values
+    (declared by the kind, with its own default and help)."""
+
+    def check(self) -> None:
+        grid = getattr(self, "grid", None)
+        if grid is not None and len(grid) == 0:
+            raise ParamError("grid", "needs at least one value")
 
 
 class ProbeKind(ABC):
     """Batched training of one probe family over layers x label sets x a regularisation grid.
 
-    ``fit`` gets the train features ``X`` [L, N, D] (a float tensor of the layers to fit; a
-    strided view is fine), the label sets ``Y`` [S, N] (class ids 0..n_classes-1; set 0 the
-    true labels, set 1 the shuffled control) and the dev split ``(X_dev [L, M, D], y_dev)``
-    (for kinds that stop early on it, as SentEval's MLP does). ``predict`` takes [L, M, D] and
-    returns class ids [L, S, G, M]: one prediction per layer, label set and grid value.
+    ``__init__`` only stores the validated options (``config``, an instance of the kind's
+    ``Config``) and the ``seed``. ``fit`` gets the train features ``X`` [L, N, D] (a float
+    tensor of the layers to fit; a strided view is fine), the label sets ``Y`` [S, N] (class
+    ids 0..n_classes-1; set 0 the true labels, set 1 the shuffled control) and the dev split
+    ``(X_dev [L, M, D], y_dev)`` (for kinds that stop early on it, as SentEval's MLP does), and
+    returns ``self``. ``predict`` takes [L, M, D] and returns class ids [L, S, G, M]: one
+    prediction per layer, label set and grid value.
     """
 
-    name: ClassVar[str]
+    Config: ClassVar[type[KindConfig]]
+    """The kind's options (a frozen dataclass deriving from :class:`KindConfig`)."""
     reg_name: ClassVar[str]
     """What the grid values are (``C``: inverse L2 strength, ``weight_decay``: L2 strength)."""
-    default_grid: ClassVar[tuple[float, ...]]
-    step_name: ClassVar[str]
+    step_name: ClassVar[str] = "iter"
     """What one step of training is called in the progress bar (``iter``, ``epoch``)."""
-    limit_option: ClassVar[str]
-    """The option that raises the iteration limit (named in the warning when a fit reaches it)."""
+    limit_option: ClassVar[str] = ""
+    """The parameter that raises the iteration limit (``max_iter``), named when a fit reaches it."""
+    fixed_settings: ClassVar[dict[str, Any]] = {}
+    """Settings that are not options but determine the results (``solver``), recorded with them."""
 
-    def __init__(self, grid: Sequence[float] | None = None, seed: int = 0, **options: Any) -> None:
-        self.grid = tuple(float(v) for v in (grid if grid is not None else self.default_grid))
-        if not self.grid or any(not v > 0 for v in self.grid):
-            raise ProbekitError(f"the {self.reg_name} grid must be positive numbers, got {list(self.grid)}")
+    def __init__(self, config: KindConfig | None = None, seed: int = 0) -> None:
+        self.config = config if config is not None else self.Config()
         self.seed = seed
-        self.n_iter_: torch.Tensor | None = None
-        """Iterations (linear) or epochs (mlp) each problem ran, [L, S, G]."""
-        self.not_converged_: int = 0
-        """How many problems stopped at the iteration (epoch) limit before converging (stopping early)."""
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        return tuple(self.config.grid)  # type: ignore[attr-defined]
+
+    @property
+    def name(self) -> str:
+        return name_of(type(self))
 
     @abstractmethod
     def fit(
@@ -69,11 +89,25 @@ class ProbeKind(ABC):
         n_classes: int,
         dev: tuple[torch.Tensor, torch.Tensor] | None = None,
         callback: Callable[[int, int], None] | None = None,
-    ) -> ProbeKind: ...
+    ) -> ProbeKind:
+        """Fit every problem; set ``n_iter_`` [L, S, G] (iterations or epochs per problem, or None) and
+        ``not_converged_`` (how many problems stopped at the limit before converging)."""
 
     @abstractmethod
     def predict(self, X: torch.Tensor) -> torch.Tensor: ...
 
     def settings(self) -> dict[str, Any]:
-        """The options that determine the results (recorded in the results table)."""
-        return {"grid": list(self.grid), "reg_name": self.reg_name}
+        """The options that determine the results (recorded in the results table, fingerprinted)."""
+        return {**self.config.to_dict(), "reg_name": self.reg_name, **self.fixed_settings}
+
+
+PROBE_KINDS: Registry[type[ProbeKind]] = Registry("probe kind", "kind")
+"""Every probe kind by name; a plugin registers its own here (see the module docstring)."""
+
+
+def name_of(cls: type[ProbeKind]) -> str:
+    """The registered name of a kind class (its class name when it is not registered)."""
+    for name, obj in PROBE_KINDS.items():
+        if obj is cls:
+            return name
+    return cls.__name__

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from probekit.backbone import resolve_device
-from probekit.errors import ProbekitError
-from probekit.probes.base import ProbeKind, get_kind
+from probekit.errors import ParamError, ProbekitError
+from probekit.metrics import wilson
+from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind, name_of
+from probekit.results import row
 
 
 def layer_major(X: Any, layers: Sequence[int] | None, device: torch.device) -> torch.Tensor:
@@ -62,39 +64,84 @@ def _labels(y: Any, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.long)
 
 
+def resolve_kind(kind: str | type[ProbeKind]) -> tuple[str, type[ProbeKind]]:
+    """A kind given by name (or alias) or as a class: its name and class."""
+    if isinstance(kind, type) and issubclass(kind, ProbeKind):
+        return name_of(kind), kind
+    if not isinstance(kind, str):
+        raise ParamError("kind", f"must be a probe kind's name ({', '.join(PROBE_KINDS.names())}), got {kind!r}")
+    name = PROBE_KINDS.canonical(kind)
+    return name, PROBE_KINDS.get(name)
+
+
+def kind_config(
+    kind: str | type[ProbeKind], grid: Sequence[float] | str | None = None, **options: Any
+) -> tuple[str, type[ProbeKind], KindConfig]:
+    """The kind's name, class and validated options (``grid`` None: the kind's default); an option
+    that is not the kind's, or a bad value, is a :class:`ParamError` naming it."""
+    name, cls = resolve_kind(kind)
+    values = dict(options)
+    if grid is not None:
+        values["grid"] = grid
+    return name, cls, cls.Config.from_mapping(values)
+
+
 class LayerwiseProbe:
     """A probe on every layer, SentEval's protocol, batched (see the module docstring).
 
-    ``kind``: ``linear`` (logistic regression, grid of ``C``) or ``mlp`` (SentEval's MLP,
-    grid of weight decays); ``grid`` overrides the kind's default; ``options`` go to the kind
-    (``tol``, ``max_iter``; ``nhid``, ``dropout``, ``batch_size``...). ``seed`` sets the
-    control permutation and any randomness of the kind. ``control=False`` skips the control.
+    ``kind``: a registered probe kind (:data:`~probekit.probes.base.PROBE_KINDS`: ``linear``,
+    logistic regression, grid of ``C``; ``mlp``, SentEval's MLP, grid of weight decays), or a
+    :class:`~probekit.probes.base.ProbeKind` class; ``grid`` overrides the kind's default;
+    ``options`` are the kind's (fields of its ``Config``: ``tol``, ``max_iter``; ``nhid``,
+    ``dropout``, ``batch_size``...). ``seed`` sets the control permutation and any randomness of
+    the kind. ``control=False`` skips the control. The constructor only stores these; :meth:`fit`
+    validates them.
 
-    After :meth:`fit`: ``layers_``, ``classes_``, ``majority_class_``, ``dev_scores_`` (dev
-    accuracy [layers, label set, grid]), ``best_index_`` [layers, label set], ``best_reg_``
-    and ``control_reg_`` (chosen grid values per layer), ``n_iter_`` (per problem) and
-    ``estimator_`` (the fitted kind).
+    After :meth:`fit`: ``kind_`` (the kind's name), ``config_`` (its validated options),
+    ``estimator_`` (the fitted kind), ``layers_``, ``classes_``, ``majority_class_``,
+    ``dev_scores_`` (dev accuracy [layers, label set, grid]), ``best_index_`` [layers, label set],
+    ``best_reg_`` and ``control_reg_`` (chosen grid values per layer), ``n_iter_`` (per problem).
     """
 
     def __init__(
         self,
-        kind: str = "linear",
+        kind: str | type[ProbeKind] = "linear",
         grid: Sequence[float] | None = None,
         seed: int = 0,
         device: str | torch.device = "auto",
         control: bool = True,
         **options: Any,
     ) -> None:
-        self.kind, self.seed, self.device, self.control = kind, int(seed), device, control
-        cls = get_kind(kind)
-        try:
-            self.estimator_: ProbeKind = cls(grid=grid, seed=self.seed, **options)
-        except TypeError as e:
-            raise ProbekitError(f"bad option for the {kind} probe: {e}") from None
-        self.grid = self.estimator_.grid
+        self.kind = kind
+        self.grid = grid
+        self.seed = seed
+        self.device = device
+        self.control = control
+        self.options = options
+
+    def get_params(self, deep: bool = False) -> dict[str, Any]:
+        """The constructor's parameters (scikit-learn's convention; the kind's options flattened in)."""
+        return {
+            "kind": self.kind,
+            "grid": self.grid,
+            "seed": self.seed,
+            "device": self.device,
+            "control": self.control,
+            **self.options,
+        }
+
+    def set_params(self, **params: Any) -> LayerwiseProbe:
+        for key, value in params.items():
+            if key in ("kind", "grid", "seed", "device", "control"):
+                setattr(self, key, value)
+            else:
+                self.options = {**self.options, key: value}
+        return self
 
     def settings(self) -> dict[str, Any]:
-        return {"kind": self.kind, "control": self.control, **self.estimator_.settings()}
+        """What determines the results: the kind, the control and the kind's options (validated)."""
+        name, cls, config = kind_config(self.kind, self.grid, **self.options)
+        return {"kind": name, "control": bool(self.control), **cls(config, seed=int(self.seed)).settings()}
 
     def fit(
         self,
@@ -107,6 +154,9 @@ class LayerwiseProbe:
     ) -> LayerwiseProbe:
         """Fit on ``X`` [N, L, D] / ``y`` and select on ``X_dev`` / ``y_dev``; ``layers`` (default all)
         says which layers to probe."""
+        self.kind_, cls, self.config_ = kind_config(self.kind, self.grid, **self.options)
+        seed = int(self.seed)
+        self.estimator_: ProbeKind = cls(self.config_, seed=seed)
         device = resolve_device(self.device)
         self.device_ = device
         self.layers_ = list(range(X.shape[1])) if layers is None else [int(i) for i in layers]
@@ -131,7 +181,7 @@ class LayerwiseProbe:
         self.majority_class_ = int(self.classes_[int(torch.argmax(counts))])
         sets = [y_ids]
         if self.control:
-            gen = torch.Generator().manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(seed)
             sets.append(y_ids[torch.randperm(len(y_ids), generator=gen).to(device)])
         x = self._features(X, "train")
         xd = self._features(X_dev, "dev")
@@ -141,11 +191,13 @@ class LayerwiseProbe:
         correct = (self.estimator_.predict(xd) == yd).float().mean(-1)  # [L, S, G]
         self.dev_scores_ = correct.cpu().numpy()
         self.best_index_ = correct.argmax(-1)  # first best in grid order
-        grid = np.asarray(self.grid)
+        grid = np.asarray(self.estimator_.grid)
         best = self.best_index_.cpu().numpy()
         self.best_reg_ = grid[best[:, 0]]
         self.control_reg_ = grid[best[:, 1]] if self.control else None
-        self.n_iter_ = self.estimator_.n_iter_.cpu().numpy() if self.estimator_.n_iter_ is not None else None
+        n_iter = getattr(self.estimator_, "n_iter_", None)
+        self.n_iter_ = n_iter.cpu().numpy() if n_iter is not None else None
+        self.not_converged_ = int(getattr(self.estimator_, "not_converged_", 0))
         return self
 
     def _features(self, X: Any, split: str) -> torch.Tensor:
@@ -154,7 +206,7 @@ class LayerwiseProbe:
         if bad:
             raise ProbekitError(
                 f"the {split} features hold NaN or inf at layer(s) {bad}; "
-                "re-extract with --storage-dtype float32 or probe other layers"
+                "re-extract with storage_dtype float32 or probe other layers"
             )
         return x
 
@@ -191,3 +243,33 @@ class LayerwiseProbe:
         if self.control:
             out["control"] = hits[:, 1]
         return out
+
+    def rows(self, X: Any, y: Any, split: str = "test", **columns: Any) -> list[dict[str, Any]]:
+        """Tidy rows (:func:`probekit.results.row`) of this probe on ``X`` / ``y``: per layer ``acc``,
+        ``control_acc`` and ``selectivity`` (when fitted with the control) and ``majority_acc``, with
+        a 95% Wilson interval and the chosen grid value; ``columns`` (model, task, ...) go in every row."""
+        n = len(y)
+        hits = self.correct(X, y, split)
+        base = {"source": "probe", "probe": self.kind_, "seed": int(self.seed), **columns}
+        out = []
+        for i, layer in enumerate(self.layers_):
+            common = {"model": None, "task": None, **base, "layer": layer, "split": split, "n": n}
+            out.append(_metric(common, "acc", hits["probe"][i], n, self.best_reg_[i]))
+            if self.control:
+                out.append(_metric(common, "control_acc", hits["control"][i], n, self.control_reg_[i]))
+                selectivity = hits["probe"][i] / n - hits["control"][i] / n
+                out.append(row(**common, metric="selectivity", value=selectivity, ci_low=None, ci_high=None, reg=None))
+            out.append(_metric(common, "majority_acc", hits["majority"][i], n, None))
+        return out
+
+
+def _metric(base: dict[str, Any], metric: str, correct: int, n: int, reg: float | None) -> dict[str, Any]:
+    low, high = wilson(correct, n)
+    return row(
+        **base,
+        metric=metric,
+        value=correct / n,
+        ci_low=float(low),
+        ci_high=float(high),
+        reg=None if reg is None else float(reg),
+    )

@@ -25,13 +25,15 @@ changes in float32 stops there (:data:`probekit.probes.lbfgs.FLOOR`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from probekit.probes.base import ProbeKind, register
+from probekit.config import option
+from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind
 from probekit.probes.lbfgs import minimize
 
 COV_ROWS = 4096
@@ -43,29 +45,30 @@ CHUNK_ELEMENTS = 1 << 25
 """At most this many logits per block (bounds the memory of one evaluation)."""
 
 
-@register
+@dataclass(frozen=True)
+class LinearConfig(KindConfig):
+    """Options of the linear probe (scikit-learn's ``LogisticRegression`` names and defaults, ``max_iter``
+    raised to 1000)."""
+
+    component: ClassVar[str] = "the linear probe"
+    grid: tuple[float, ...] = option(
+        (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "Comma-separated C grid (inverse L2 strength), selected on dev.", gt=0
+    )
+    max_iter: int = option(1000, "L-BFGS iteration limit.", ge=1)
+    tol: float = option(1e-4, "Gradient tolerance (scikit-learn's tol).", gt=0)
+    history: int = option(10, "L-BFGS memory (pairs of past steps).", ge=1)
+
+
+@PROBE_KINDS.register("linear")
 class LogisticProbe(ProbeKind):
-    """``kind="linear"``: multinomial logistic regression, the ``C`` grid of SentEval's CPU protocol."""
+    """Multinomial logistic regression over a C grid (SentEval's CPU protocol)."""
 
-    name = "linear"
+    Config = LinearConfig
     reg_name = "C"
-    default_grid = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     step_name = "iter"
-    limit_option = "--max-iter"
-
-    def __init__(
-        self,
-        grid: Sequence[float] | None = None,
-        seed: int = 0,
-        tol: float = 1e-4,
-        max_iter: int = 1000,
-        history: int = 10,
-    ) -> None:
-        super().__init__(grid, seed)
-        self.tol, self.max_iter, self.history = tol, max_iter, history
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "tol": self.tol, "max_iter": self.max_iter, "solver": "lbfgs"}
+    limit_option = "max_iter"
+    fixed_settings: ClassVar[dict[str, Any]] = {"solver": "lbfgs"}
+    config: LinearConfig
 
     def fit(
         self,
@@ -76,12 +79,12 @@ class LogisticProbe(ProbeKind):
         callback: Callable[[int, int], None] | None = None,
     ) -> LogisticProbe:
         n_layers, n, d = X.shape
-        self.n_sets = Y.shape[0]
-        self.k = k = 1 if n_classes == 2 else n_classes
+        self.n_sets_ = Y.shape[0]
+        self.k_ = k = 1 if n_classes == 2 else n_classes
         g = len(self.grid)
-        q = self.n_sets * g
+        q = self.n_sets_ * g
         device, dtype = X.device, X.dtype
-        lam = (1.0 / (torch.tensor(self.grid, dtype=torch.float64, device=device) * n)).repeat(self.n_sets)  # [Q]
+        lam = (1.0 / (torch.tensor(self.grid, dtype=torch.float64, device=device) * n)).repeat(self.n_sets_)  # [Q]
         mean, rot, eig = _whitening(X)
         counts = torch.bincount(Y[0], minlength=n_classes).double()
         prior = counts / counts.sum()
@@ -138,8 +141,9 @@ class LogisticProbe(ProbeKind):
             return f_all.view(-1), g_all.view(n_layers * q, -1), gmax_all.view(-1)
 
         theta0 = torch.zeros(n_layers * q, k * (d + 1), dtype=dtype, device=device)
-        res = minimize(objective, theta0, tol=self.tol, max_iter=self.max_iter, history=self.history, callback=callback)
-        self.n_iter_ = res.n_iter.view(n_layers, self.n_sets, g)
+        cfg = self.config
+        res = minimize(objective, theta0, tol=cfg.tol, max_iter=cfg.max_iter, history=cfg.history, callback=callback)
+        self.n_iter_ = res.n_iter.view(n_layers, self.n_sets_, g)
         self.not_converged_ = int((~res.converged & ~res.stalled).sum())
         # back to the original coordinates: W = U diag(s) V, b = b' - mu . W
         theta = res.x.view(n_layers, q, k, d + 1) * scale
@@ -152,11 +156,11 @@ class LogisticProbe(ProbeKind):
         """Logits [L, S, G, K, M] of every fitted problem on ``X`` [L, M, D]."""
         n_layers, m, _ = X.shape
         z = torch.baddbmm(self.intercept_[:, :, None], self.coef_, X.transpose(1, 2))
-        return z.view(n_layers, self.n_sets, len(self.grid), self.k, m)
+        return z.view(n_layers, self.n_sets_, len(self.grid), self.k_, m)
 
     def predict(self, X: torch.Tensor) -> torch.Tensor:
         z = self.decision_function(X)
-        return (z[:, :, :, 0] > 0).long() if self.k == 1 else z.argmax(3)
+        return (z[:, :, :, 0] > 0).long() if self.k_ == 1 else z.argmax(3)
 
 
 def _loss_resid(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

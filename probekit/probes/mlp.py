@@ -18,58 +18,45 @@ problems see the same mini-batch order, as SentEval's runs with one seed would.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from probekit.config import option
 from probekit.errors import ProbekitError
-from probekit.probes.base import ProbeKind, register
+from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind
 
 
-@register
+@dataclass(frozen=True)
+class MLPConfig(KindConfig):
+    """Options of the MLP probe (SentEval's classifier and its defaults)."""
+
+    component: ClassVar[str] = "the MLP probe"
+    grid: tuple[float, ...] = option(
+        (1e-5, 1e-4, 1e-3, 1e-2), "Comma-separated weight decay grid (L2 strength), selected on dev.", gt=0
+    )
+    nhid: int = option(50, "Hidden units.", ge=1)
+    dropout: float = option(0.1, "Dropout on the hidden layer.", ge=0, lt=1)
+    batch_size: int = option(64, "Mini-batch size.", ge=1)
+    lr: float = option(1e-3, "Adam learning rate.", gt=0)
+    epoch_size: int = option(4, "Epochs between two dev checks.", ge=1)
+    tenacity: int = option(5, "Dev checks without improvement before stopping.", ge=0)
+    max_epoch: int = option(200, "Epoch limit (it stops early on dev before).", ge=1)
+
+
+@PROBE_KINDS.register("mlp")
 class MLPProbe(ProbeKind):
-    """``kind="mlp"``: one hidden sigmoid layer with dropout, early-stopped on dev (SentEval)."""
+    """SentEval's MLP: one hidden sigmoid layer with dropout, early-stopped on dev."""
 
-    name = "mlp"
+    Config = MLPConfig
     reg_name = "weight_decay"
-    default_grid = (1e-5, 1e-4, 1e-3, 1e-2)
     step_name = "epoch"
-    limit_option = "--max-epoch"
-
-    def __init__(
-        self,
-        grid: Sequence[float] | None = None,
-        seed: int = 0,
-        nhid: int = 50,
-        dropout: float = 0.1,
-        batch_size: int = 64,
-        lr: float = 1e-3,
-        epoch_size: int = 4,
-        tenacity: int = 5,
-        max_epoch: int = 200,
-    ) -> None:
-        super().__init__(grid, seed)
-        if nhid < 1:
-            raise ProbekitError(f"the MLP probe needs at least one hidden unit, got nhid={nhid}")
-        if not 0 <= dropout < 1:
-            raise ProbekitError(f"dropout must be in [0, 1), got {dropout}")
-        self.nhid, self.dropout, self.batch_size, self.lr = nhid, dropout, batch_size, lr
-        self.epoch_size, self.tenacity, self.max_epoch = epoch_size, tenacity, max_epoch
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "nhid": self.nhid,
-            "dropout": self.dropout,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "optim": "adam",
-            "epoch_size": self.epoch_size,
-            "tenacity": self.tenacity,
-            "max_epoch": self.max_epoch,
-        }
+    limit_option = "max_epoch"
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim": "adam"}
+    config: MLPConfig
 
     def fit(
         self,
@@ -83,9 +70,9 @@ class MLPProbe(ProbeKind):
             raise ProbekitError("the MLP probe stops early on the dev split; pass dev=(X_dev, y_dev)")
         n_layers, n, d = X.shape
         device, dtype = X.device, X.dtype
-        self.n_sets, self.k = Y.shape[0], n_classes
+        self.n_sets_ = Y.shape[0]
         g = len(self.grid)
-        q, h, k = self.n_sets * g, self.nhid, n_classes
+        q, h, k = self.n_sets_ * g, self.config.nhid, n_classes
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         # nn.Linear's default initialisation, drawn in a fixed order from the seeded generator
         b1, b2 = 1 / math.sqrt(d), 1 / math.sqrt(h)
@@ -96,15 +83,14 @@ class MLPProbe(ProbeKind):
             _uniform(gen, (n_layers * q, 1, k), b2),  # b2
         ]
         params = [p.to(device=device, dtype=dtype).requires_grad_() for p in params]
-        self.params = params
-        decay = torch.tensor(self.grid, dtype=dtype, device=device).repeat(self.n_sets)  # [Q]
+        decay = torch.tensor(self.grid, dtype=dtype, device=device).repeat(self.n_sets_)  # [Q]
         decays = [
             decay.repeat_interleave(h)[None, None, :],
             decay.repeat_interleave(h)[None, None, :],
             decay.repeat(n_layers)[:, None, None],
             decay.repeat(n_layers)[:, None, None],
         ]
-        opt = torch.optim.Adam(params, lr=self.lr)
+        opt = torch.optim.Adam(params, lr=self.config.lr)
         drop_gen = torch.Generator(device=device).manual_seed(self.seed + 1)
         sets = torch.arange(q, device=device) // g
         targets = Y[sets]  # [Q, N]
@@ -115,11 +101,11 @@ class MLPProbe(ProbeKind):
         running = torch.ones(n_layers, q, dtype=torch.bool, device=device)
         epochs = torch.zeros(n_layers, q, dtype=torch.long, device=device)
         epoch = 0
-        while bool(running.any()) and epoch <= self.max_epoch:
-            for _ in range(self.epoch_size):
+        while bool(running.any()) and epoch <= self.config.max_epoch:
+            for _ in range(self.config.epoch_size):
                 order = torch.randperm(n, generator=gen).to(device)
-                for i in range(0, n, self.batch_size):
-                    idx = order[i : i + self.batch_size]
+                for i in range(0, n, self.config.batch_size):
+                    idx = order[i : i + self.config.batch_size]
                     logits = self._forward(params, X[:, idx], train=True, gen=drop_gen)  # [L, Q, B, K]
                     yb = targets[:, idx].expand(n_layers, -1, -1)
                     loss = F.cross_entropy(logits.reshape(-1, k), yb.reshape(-1), reduction="sum")
@@ -129,8 +115,8 @@ class MLPProbe(ProbeKind):
                         for p, wd in zip(params, decays, strict=True):
                             p.grad.add_(p * wd)  # Adam's coupled weight decay, one strength per problem
                     opt.step()
-            epoch += self.epoch_size
-            epochs += running.long() * self.epoch_size
+            epoch += self.config.epoch_size
+            epochs += running.long() * self.config.epoch_size
             acc = (self._predict_with(params, x_dev) == y_dev).float().mean(-1)  # [L, Q]
             better = running & (acc > best_acc)
             best_acc = torch.where(better, acc, best_acc)
@@ -138,13 +124,13 @@ class MLPProbe(ProbeKind):
                 for b, p in zip(best, params, strict=True):
                     b.copy_(torch.where(_expand_mask(better, p, n_layers, q, h), p, b))
             worse = running & ~better
-            stop = worse & (strikes >= self.tenacity)
+            stop = worse & (strikes >= self.config.tenacity)
             strikes += worse.long()
             running &= ~stop
             if callback is not None:
                 callback(epoch, int(running.sum()))
-        self.params = best
-        self.n_iter_ = epochs.view(n_layers, self.n_sets, g)
+        self.params_ = best
+        self.n_iter_ = epochs.view(n_layers, self.n_sets_, g)
         self.not_converged_ = int(running.sum())
         return self
 
@@ -154,11 +140,11 @@ class MLPProbe(ProbeKind):
         """Logits [L, Q, B, K] for inputs ``x`` [L, B, D]."""
         w1, b1, w2, b2 = params
         n_layers, b, _ = x.shape
-        q, h = w1.shape[2] // self.nhid, self.nhid
+        q, h = w1.shape[2] // self.config.nhid, self.config.nhid
         hid = torch.baddbmm(b1, x, w1)  # [L, B, Q*H]
-        if train and self.dropout > 0:
-            keep = torch.rand(hid.shape, generator=gen, device=hid.device) >= self.dropout
-            hid = hid * keep / (1 - self.dropout)
+        if train and self.config.dropout > 0:
+            keep = torch.rand(hid.shape, generator=gen, device=hid.device) >= self.config.dropout
+            hid = hid * keep / (1 - self.config.dropout)
         hid = torch.sigmoid(hid).view(n_layers, b, q, h).permute(0, 2, 1, 3).reshape(n_layers * q, b, h)
         return torch.baddbmm(b2, hid, w2).view(n_layers, q, b, -1)
 
@@ -169,8 +155,8 @@ class MLPProbe(ProbeKind):
             )
 
     def predict(self, X: torch.Tensor) -> torch.Tensor:
-        pred = self._predict_with(self.params, X)  # [L, Q, M]
-        return pred.view(X.shape[0], self.n_sets, len(self.grid), -1)
+        pred = self._predict_with(self.params_, X)  # [L, Q, M]
+        return pred.view(X.shape[0], self.n_sets_, len(self.grid), -1)
 
 
 def _uniform(gen: torch.Generator, shape: tuple[int, ...], bound: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ or, for NaN/inf features, a warning naming the task and layers, which are then l
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,12 +29,15 @@ from tqdm.auto import tqdm
 
 from probekit.backbone import resolve_device
 from probekit.cache import LayerCache, find_caches
+from probekit.config import fields_of
 from probekit.distributed import balance, barrier, destroy_process_group, dist_info, init_process_group, rank_device
-from probekit.errors import CacheError, ProbekitError
+from probekit.errors import CacheError, ConvergenceWarning, ParamError, ProbekitError, ProbekitWarning
+from probekit.fingerprint import differences, fingerprint
 from probekit.io import remove_tree
-from probekit.metrics import wilson
-from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers
+from probekit.probes.base import ProbeKind
+from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, resolve_kind
 from probekit.results import PARQUET, load_results, save_results, tidy
+from probekit.runs import Run
 
 SPLITS = ("train", "dev", "test")
 REPORTED = ("dev", "test")
@@ -92,12 +96,13 @@ def _usable_layers(cache: LayerCache, bad: set[int], warn: bool = True) -> list[
     if not good:
         raise ProbekitError(
             f"{cache.task} ({cache.path}): every layer has NaN/inf features; re-extract with "
-            "--dtype float32 or --storage-dtype float32"
+            "dtype float32 or storage_dtype float32"
         )
     if bad and warn:
         warnings.warn(
             f"{cache.task}: layer(s) {sorted(bad)} have NaN/inf features (fp16 overflow?) and are "
-            "left out; re-extract with --storage-dtype float32 to probe them",
+            "left out; re-extract with storage_dtype float32 to probe them",
+            ProbekitWarning,
             stacklevel=3,
         )
     return good
@@ -114,54 +119,83 @@ def load_features(cache: LayerCache, device: torch.device) -> dict[str, torch.Te
 
 def probe(
     caches: Any,
-    kind: str = "linear",
+    kind: str | type[ProbeKind] | LayerwiseProbe = "linear",
     seeds: int | Sequence[int] = 1,
-    device: str = "auto",
-    grid: Sequence[float] | None = None,
-    control: bool = True,
+    device: str | None = None,
+    grid: Sequence[float] | str | None = None,
+    control: bool | None = None,
     out: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
     **options: Any,
-) -> pd.DataFrame:
-    """Probe every layer of every cache (see the module docstring); the results table.
+) -> Run:
+    """Probe every layer of every cache (see the module docstring); a :class:`~probekit.runs.Run`
+    whose ``results`` is the tidy table.
 
-    ``seeds``: how many (seeds 0..N-1) or which. ``options`` go to the probe kind (``tol``,
+    ``kind``: a probe kind's name (:data:`~probekit.probes.base.PROBE_KINDS`) or a
+    :class:`LayerwiseProbe` used as a template (its kind, grid, device, control and options;
+    arguments given here override them). ``seeds``: how many (seeds 0..N-1) or which. ``device``
+    defaults to ``auto``, ``control`` to True. ``options`` go to the probe kind (``tol``,
     ``max_iter`` for ``linear``; ``nhid``, ``dropout``, ``batch_size``... for ``mlp``). With
-    ``out``, rows of other caches, probes or seeds already in ``out`` are kept, and with
-    ``resume`` a fit already there with the same settings is not redone.
+    ``out``, rows of other caches, probes or seeds already in ``out`` are kept; with ``resume`` a
+    fit already there with the same fingerprint (settings and cache key) is not redone, and one
+    made with other settings is redone (with a warning naming them) and its rows replaced.
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
-        raise ProbekitError("--seeds must be at least 1")
+        raise ParamError("seeds", "must be at least 1")
+    template = _template(kind, device, grid, control, options)
+    template.settings()  # validates the kind and its options before any cache is opened
     info = dist_info()
-    dev = resolve_device(rank_device(device, info))
+    dev = resolve_device(rank_device(str(template.device), info))
     created = init_process_group(info, dev)
     try:
-        return _probe(caches, kind, seed_list, dev, grid, control, out, resume, progress, info, options)
+        return _probe(caches, template, seed_list, dev, out, resume, progress, info)
     finally:
         if created:
             destroy_process_group()
 
 
+def _template(
+    kind: str | type[ProbeKind] | LayerwiseProbe,
+    device: str | None,
+    grid: Sequence[float] | str | None,
+    control: bool | None,
+    options: dict[str, Any],
+) -> LayerwiseProbe:
+    """The probe whose parameters every fit uses (a copy: the caller's object is left alone)."""
+    params = kind.get_params() if isinstance(kind, LayerwiseProbe) else {"kind": kind}
+    given = {"device": device, "grid": grid, "control": control}
+    params.update({k: v for k, v in given.items() if v is not None}, **options)
+    params.setdefault("device", "auto")
+    params.setdefault("control", True)
+    params.pop("seed", None)
+    return LayerwiseProbe(**params)
+
+
+def fit_fingerprint(settings: dict[str, Any], cache_key: Any) -> str:
+    """What identifies one fit's result: its settings and the cache it read (seed and kind are in its key)."""
+    return fingerprint(settings, {"cache": cache_key})
+
+
 def _probe(
     caches: Any,
-    kind: str,
+    template: LayerwiseProbe,
     seed_list: list[int],
     dev: torch.device,
-    grid: Sequence[float] | None,
-    control: bool,
     out: str | Path | None,
     resume: bool,
     progress: bool,
     info: Any,
-    options: dict[str, Any],
-) -> pd.DataFrame:
+) -> Run:
+    start = time.perf_counter()
+    timings = {"load": 0.0, "fit": 0.0, "score": 0.0}
     opened = open_caches(caches)
     manifest_bad = {c.path: check_cache(c) for c in opened}
-    template = LayerwiseProbe(kind, grid=grid, device=dev, control=control, **options)
-    settings, step_name = template.settings(), template.estimator_.step_name
+    settings = template.settings()
+    kind = settings["kind"]
     settings_json = json.dumps(settings, sort_keys=True)
+    step_name = resolve_kind(template.kind)[1].step_name
 
     previous = _previous(out) if out is not None else None
     units = [(c, seed) for c in opened for seed in seed_list]
@@ -170,13 +204,15 @@ def _probe(
     todo = units
     if previous is not None:
         this_run = {(c.manifest["key"], kind, seed) for c, seed in units}
-        mine = np.array([k in this_run for k in _keys(previous)], dtype=bool)
+        keys = _keys(previous)
+        mine = np.array([k in this_run for k in keys], dtype=bool)
         others = previous[~mine]
         if resume:
-            finished = previous[mine & (previous["settings"] == settings_json).to_numpy()]
-            done_keys = set(_keys(finished))
-            done = finished.to_dict("records")
+            same = _same_fit(previous, settings)
+            done = previous[mine & same].to_dict("records")
+            done_keys = set(_keys(previous[mine & same]))
             todo = [(c, s) for c, s in units if (c.manifest["key"], kind, s) not in done_keys]
+            _warn_changed(previous[mine & ~same], settings)
     kept = [] if others is None else others.to_dict("records")
     if info.distributed:  # each rank takes a size-balanced share of the fits
         barrier()  # every rank has read OUT before any rank writes to it
@@ -192,30 +228,41 @@ def _probe(
     loaded: Path | None = None
     feats: dict[str, torch.Tensor] = {}
     layers: list[int] = []
+    last: LayerwiseProbe | None = None
     for c, seed in todo:
         bar.set_description(f"{c.task} seed {seed}")
         if loaded != c.path:  # each cache's features are read once, one cache at a time
+            t0 = time.perf_counter()
             feats = {}  # let the previous cache's features go first
             feats = load_features(c, dev)
             layers = _usable_layers(c, manifest_bad[c.path] | _scan(c, feats))
             loaded = c.path
-        lp = LayerwiseProbe(kind, grid=grid, seed=seed, device=dev, control=control, **options)
+            timings["load"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lp = LayerwiseProbe(**{**template.get_params(), "seed": seed, "device": dev})
         lp.fit(feats["train"], c.labels("train"), feats["dev"], c.labels("dev"), layers=layers, callback=step)
-        if lp.estimator_.not_converged_:
-            warnings.warn(
-                f"{c.task} (seed {seed}): {lp.estimator_.not_converged_} {kind} probe fit(s) stopped at "
-                f"the limit before converging; raise {lp.estimator_.limit_option}",
-                stacklevel=2,
-            )
+        timings["fit"] += time.perf_counter() - t0
+        if lp.not_converged_:
+            _warn_not_converged(lp, c.task, seed)
+        t0 = time.perf_counter()
         new.extend(result_rows(lp, c, feats, settings_json))
+        timings["score"] += time.perf_counter() - t0
+        last = lp
         bar.update(1)
         if out is not None and info.distributed:
             save_results(tidy(new), Path(out) / PARTS / f"r{info.rank}")
         elif out is not None:
             save_results(tidy(kept + done + new), out)
     bar.close()
+    paths = {} if out is None else {"out": Path(out), "results": Path(out) / PARQUET}
+    details = {"settings": settings, "fitted": len(todo), "reused": len(units) - len(todo)}
+
+    def finish(results: pd.DataFrame) -> Run:
+        timings["total"] = time.perf_counter() - start
+        return Run(results=results, paths=paths, timings=timings, estimator=last, details=details)
+
     if not info.distributed:
-        return tidy(done + new)
+        return finish(tidy(done + new))
     barrier()
     merged = tidy(done + new)
     if info.is_main:
@@ -226,21 +273,69 @@ def _probe(
             save_results(tidy(kept + merged.to_dict("records")), out)
             remove_tree(Path(out) / PARTS)
     barrier()
-    return merged
+    return finish(merged)
+
+
+def _same_fit(previous: pd.DataFrame, settings: dict[str, Any]) -> np.ndarray:
+    """Which rows of ``previous`` come from a fit with this run's fingerprint (their cache, these settings)."""
+    if "cache_key" not in previous.columns:
+        return np.zeros(len(previous), dtype=bool)
+    cache_fp: dict[Any, str] = {}
+    out = []
+    for key, recorded in zip(previous["cache_key"], previous["settings"], strict=True):
+        if key not in cache_fp:
+            cache_fp[key] = fit_fingerprint(settings, key)
+        out.append(_recorded_fingerprint(recorded, key) == cache_fp[key])
+    return np.array(out, dtype=bool)
+
+
+def _recorded_fingerprint(recorded: Any, cache_key: Any) -> str | None:
+    try:
+        return fit_fingerprint(json.loads(recorded), cache_key)
+    except (TypeError, ValueError):
+        return None
+
+
+def _warn_changed(stale: pd.DataFrame, settings: dict[str, Any]) -> None:
+    """One warning naming the settings that differ from those of the fits about to be redone."""
+    if stale.empty:
+        return
+    changed: list[str] = []
+    for recorded in dict.fromkeys(stale["settings"]):
+        try:
+            old = json.loads(recorded)
+        except (TypeError, ValueError):
+            old = {}
+        changed += [d for d in differences(old, settings) if d not in changed]
+    fits = len(set(_keys(stale)))
+    warnings.warn(
+        f"{fits} {settings['kind']} probe fit(s) in the results were made with other settings "
+        f"({', '.join(changed) or 'unknown'}); they are refitted and their rows replaced",
+        ProbekitWarning,
+        stacklevel=4,
+    )
+
+
+def _warn_not_converged(lp: LayerwiseProbe, task: str, seed: int) -> None:
+    cls = type(lp.estimator_)
+    param = cls.limit_option
+    what = f"{lp.not_converged_} {lp.kind_} probe fit(s) stopped at the limit before converging"
+    if param:
+        spec = next((f for f in fields_of(cls.Config) if f.name == param), None)
+        flag = (spec.flag if spec is not None and spec.flag else None) or "--" + param.replace("_", "-")
+        what += f"; raise {param} (on the command line: raise {flag})"
+    warnings.warn(f"{task} (seed {seed}): {what}", ConvergenceWarning, stacklevel=4)
 
 
 def result_rows(
     lp: LayerwiseProbe, cache: LayerCache, feats: dict[str, Any], settings_json: str
 ) -> list[dict[str, Any]]:
-    """The tidy rows of one fitted probe: layers x (dev, test) x metrics."""
+    """The tidy rows of one fitted probe: layers x (dev, test) x metrics, with the cache's columns."""
     m = cache.manifest
-    common = {
-        "source": "probe",
+    columns = {
         "model": cache.model,
         "model_fingerprint": m["model"].get("fingerprint"),
         "task": cache.task,
-        "probe": lp.kind,
-        "seed": lp.seed,
         "pool": cache.pool,
         "max_length": m.get("max_length"),
         "data_sha256": (m.get("data") or {}).get("sha256"),
@@ -251,39 +346,8 @@ def result_rows(
     }
     rows = []
     for split in REPORTED:
-        y = cache.labels(split)
-        n = len(y)
-        hits = lp.correct(feats[split], y, split)
-        for i, layer in enumerate(lp.layers_):
-            acc = hits["probe"][i] / n
-            base = {**common, "layer": layer, "split": split, "n": n}
-            rows.append(_metric(base, "acc", hits["probe"][i], n, lp.best_reg_[i]))
-            if lp.control:
-                rows.append(_metric(base, "control_acc", hits["control"][i], n, lp.control_reg_[i]))
-                rows.append(
-                    {
-                        **base,
-                        "metric": "selectivity",
-                        "value": acc - hits["control"][i] / n,
-                        "ci_low": None,
-                        "ci_high": None,
-                        "reg": None,
-                    }
-                )
-            rows.append(_metric(base, "majority_acc", hits["majority"][i], n, None))
+        rows += lp.rows(feats[split], cache.labels(split), split, **columns)
     return rows
-
-
-def _metric(base: dict[str, Any], metric: str, correct: int, n: int, reg: float | None) -> dict[str, Any]:
-    low, high = wilson(correct, n)
-    return {
-        **base,
-        "metric": metric,
-        "value": correct / n,
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "reg": None if reg is None else float(reg),
-    }
 
 
 def _scan(cache: LayerCache, feats: dict[str, torch.Tensor]) -> set[int]:

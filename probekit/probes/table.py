@@ -46,3 +46,41 @@ def table_title(results: pd.DataFrame, split: str = "test") -> str:
     control = " / shuffled-label control" if (results["metric"] == "control_acc").any() else ""
     spread = ", mean±sd over seeds" if seeds > 1 else ""
     return f"{split} accuracy % ({probes} probe{control}; {seeds} seed(s){spread})"
+
+
+def task_table(results: pd.DataFrame, split: str = "test") -> list[dict[str, str]]:
+    """The same cells as :func:`layer_table` turned around: one row per task (short names), one column per
+    layer, then ``majority``; this is the shape that fits a terminal, since tasks outnumber layers less often
+    than their names outgrow a column."""
+    by_layer = layer_table(results, split)
+    tasks = [c for c in by_layer[0] if c != "layer"]
+    out = []
+    for task in tasks:
+        out.append({"task": task, **{r["layer"]: r[task] for r in by_layer}})
+    return out
+
+
+COLUMN_OVERHEAD = 3
+"""Characters a table column takes besides its text (a space each side and one rule), as rich draws it."""
+
+
+def fit_width(rows: list[dict[str, str]], width: int, keep: int = 1) -> list[list[dict[str, str]]]:
+    """``rows`` cut into tables of the same rows and consecutive columns, each at most ``width`` characters
+    wide when drawn (every table repeats the first ``keep`` columns: the row names). Cells are never cut."""
+    if not rows:
+        return []
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in columns}
+    fixed, rest = columns[:keep], columns[keep:]
+    base = 1 + sum(widths[c] + COLUMN_OVERHEAD for c in fixed)
+    groups: list[list[str]] = []
+    used = base
+    for c in rest:
+        need = widths[c] + COLUMN_OVERHEAD
+        if groups and used + need <= width:
+            groups[-1].append(c)
+            used += need
+        else:
+            groups.append([c])
+            used = base + need
+    return [[{c: r.get(c, "") for c in fixed + g} for r in rows] for g in groups or [[]]]
