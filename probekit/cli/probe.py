@@ -14,10 +14,9 @@ from rich.table import Table
 
 from probekit.cli import app
 from probekit.cli.common import Device, Quiet
-from probekit.cli.options import derive, flags_of
+from probekit.cli.options import derive
 from probekit.config import Config
 from probekit.distributed import dist_info
-from probekit.errors import ProbekitError
 from probekit.probes import PROBE_KINDS
 from probekit.probes import probe as run_probe
 from probekit.probes.table import fit_width, table_title, task_table
@@ -35,7 +34,6 @@ KIND_HELP = "Probe kind: " + "; ".join(f"{n} ({PROBE_KINDS.help(n).rstrip('.')})
 @app.command()
 @derive(_sources)
 def probe(
-    ctx: typer.Context,
     caches: Annotated[list[Path], typer.Argument(help="Cache directories, or folders of caches (probekit extract).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (results.parquet, results.csv).")],
     kind: Annotated[Kind, typer.Option("--probe", help=KIND_HELP)] = Kind(PROBE_KINDS.names()[0]),
@@ -50,22 +48,17 @@ def probe(
     options: dict[str, Any],
 ) -> None:
     """Train a probe on every layer of every cached task (SentEval protocol) and print test accuracy."""
-    try:
-        run = run_probe(
-            caches,
-            kind=str(kind.value),
-            seeds=seeds,
-            device=device,
-            control=control,
-            out=out,
-            resume=resume,
-            progress=not quiet,
-            **options,
-        )
-    except ProbekitError as e:
-        # rendered with this command's flags here as well: the error boundary this branch started from missed
-        # sub-commands' flags (fixed on main); harmless once it renders them (a rendered message has no markers)
-        raise ProbekitError(e.render(flags_of(ctx.command))) from None
+    run = run_probe(
+        caches,
+        kind=str(kind.value),
+        seeds=seeds,
+        device=device,
+        control=control,
+        out=out,
+        resume=resume,
+        progress=not quiet,
+        **options,
+    )
     if not dist_info().is_main:
         return
     console = Console()  # made here: it reads the terminal's width (COLUMNS) of this invocation
