@@ -36,7 +36,7 @@ from probekit.config import Config, fields_of, option
 from probekit.data.corpus import window_passages
 from probekit.encoding import Tokenized, collate, hidden_states, plan_batches
 from probekit.errors import ParamError, ProbekitError, ResumeError
-from probekit.fingerprint import canonical_json, check, fingerprint
+from probekit.fingerprint import canonical_json, check, differences, fingerprint, normalize
 from probekit.io import atomic_path, sha256_json
 from probekit.metrics import wilson
 from probekit.mlm.kernels import DEFAULT_DROPOUT_RATIO, DEFAULT_MASK_RATIO, TOPK, MLMHeads, embedding_dropout, generator
@@ -102,6 +102,23 @@ def _decoder(backbone: Backbone) -> tuple[torch.nn.Module, torch.Tensor]:
     if emb is None or getattr(emb, "weight", None) is None:
         raise ProbekitError(f"{backbone.name}: the model exposes no input word-embedding matrix")
     return emb, emb.weight.detach().float()
+
+
+def check_inputs(stamp: dict[str, Any] | None, inputs: dict[str, Any], *, where: str | Path, what: str) -> None:
+    """Refuse an artifact made from other inputs (encoder, data), naming them.
+
+    :func:`probekit.fingerprint.check` names differing settings well but shows a differing input
+    as ``inputs.data "(absent)" -> "(absent)"``; this check runs first so the message says which input.
+    """
+    if stamp is None:
+        return
+    names = [n.removeprefix("inputs.") for n in differences(stamp.get("inputs", {}), normalize(inputs), "inputs")]
+    if names:
+        raise ResumeError(
+            f"{where} holds {what} made from other inputs (its {' and '.join(names)} fingerprint differs); "
+            "remove it or rerun with {fresh} to start over",
+            params=("fresh",),
+        )
 
 
 def _sync(device: torch.device) -> None:
@@ -339,8 +356,9 @@ class MLMHeadProbe:
                 f"could not read the checkpoint {path} ({e}); remove it or rerun with {{fresh}} to start over",
                 params=("fresh",),
             ) from None
-        if stamp is not None:
-            check(stamp, settings, inputs, where=path, what="MLM heads")  # a ResumeError when they differ
+        if stamp is not None:  # a ResumeError when inputs or settings differ
+            check_inputs(stamp, inputs, where=path, what="MLM heads")
+            check(stamp, settings, inputs, where=path, what="MLM heads")
         elif meta.get("key") != legacy:
             raise ResumeError(
                 f"{path} holds MLM heads made with other settings, model or data (an earlier probekit's "

@@ -24,9 +24,9 @@ from probekit.config import Config, option, split_options
 from probekit.data.corpus import FORMATS, read_corpus, split_passages, window_passages
 from probekit.encoding import Tokenized
 from probekit.errors import ParamError
-from probekit.fingerprint import STAMP, resume_rule, write_stamp
+from probekit.fingerprint import STAMP, read_stamp, resume_rule, write_stamp
 from probekit.io import atomic_path, sha256_json, write_json
-from probekit.mlm.estimator import MLMConfig, MLMHeadProbe, windows_digest
+from probekit.mlm.estimator import MLMConfig, MLMHeadProbe, check_inputs, windows_digest
 from probekit.results import CSV, PARQUET, save_results, tidy
 from probekit.runs import Run
 
@@ -155,6 +155,8 @@ def mlm_probe(
     run_settings = {k: v for k, v in run_cfg.to_dict().items() if k not in IO_OPTIONS}
     stamp_settings = {"probe": base.settings(), **run_settings}
     stamp_inputs = {"model": backbone.fingerprint, "corpus": data.sha256}
+    if not fresh:
+        check_inputs(read_stamp(out), stamp_inputs, where=out, what="MLM-probe results")
     if resume_rule(out, stamp_settings, stamp_inputs, fresh=fresh, what="MLM-probe results") == "fresh":
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         (out / "sweep.csv").unlink(missing_ok=True)
