@@ -62,6 +62,7 @@ def test_constructs_from_defaults_and_stores_parameters_only() -> None:
     )
     cfg = MLMConfig(mask_ratio=0.3, steps=5)
     assert MLMHeadProbe(cfg).get_config() == cfg and MLMHeadProbe(cfg, steps=6).get_config().steps == 6
+    assert MLMHeadProbe(config=cfg).get_params() == MLMHeadProbe(cfg).get_params()
     assert MLMHeadProbe(steps=2).clone(dropout_ratio=1.0).get_params() == {
         **MLMHeadProbe().get_params(),
         "steps": 2,

@@ -135,7 +135,7 @@ class MLMHeadProbe:
     ``steps_`` (total steps), ``resumed_from_``, ``loss_``, ``timings_``, ``tokens_``.
     """
 
-    def __init__(self, config: MLMConfig | None = None, /, *, progress: bool = False, **options: Any) -> None:
+    def __init__(self, config: MLMConfig | None = None, *, progress: bool = False, **options: Any) -> None:
         names = MLMConfig.field_names()
         for key in options:
             if key not in names:
