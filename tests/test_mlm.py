@@ -22,6 +22,7 @@ from probekit.backbone import Backbone, weights_fingerprint
 from probekit.cli import app
 from probekit.data.corpus import read_corpus, split_passages, window_passages
 from probekit.encoding import plan_batches
+from probekit.errors import ProbekitError
 from probekit.mlm import MLMHeadProbe, embedding_dropout, streaming_topk, tied_cross_entropy
 from tests.helpers import random_sentence, tiny_tokenizer
 
@@ -139,7 +140,7 @@ def test_training_inputs_are_the_corrupted_word_embeddings(tiny_model: Path, mon
 
 
 def test_chunked_loss_gradients_and_topk_equal_direct_computation(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mlm, "LOGITS_BUDGET", 3 * 10 * 300)  # force several vocabulary chunks
+    monkeypatch.setattr(mlm.kernels, "LOGITS_BUDGET", 3 * 10 * 300)  # force several vocabulary chunks
     g = torch.Generator().manual_seed(0)
     t = torch.randn(3, 10, 8, dtype=torch.float64, generator=g, requires_grad=True)
     bias = torch.randn(3, 1000, dtype=torch.float64, generator=g, requires_grad=True)
@@ -170,7 +171,7 @@ def test_planted_copy_layer_is_near_perfect_and_random_layers_near_chance() -> N
     backbone = Backbone(model=StandIn(len(tok), copy_layer=1), tokenizer=tok, name="stand-in")
     texts = sentences(400)
     probe = MLMHeadProbe(steps=60, batch_size=16, mask_ratio=0.5, dropout_ratio=0.3, lr=1e-2).fit(backbone, texts[:300])
-    scores = probe.score(backbone, texts[300:]).set_index("layer")
+    scores = probe.evaluate(backbone, texts[300:]).set_index("layer")
     # chance: the most frequent token of the held-out text (30 words, uniform)
     ids = [i for w in window_passages(tok, texts[300:]).input_ids for i in w[1:-1]]
     chance = np.bincount(ids).max() / len(ids)
@@ -203,7 +204,7 @@ def test_one_forward_per_batch_and_only_heads_change(tiny_model: Path, monkeypat
     assert all(not torch.equal(init[k], trained[k]) for k in init)  # every head parameter learned
     calls[0] = 0
     held = window_passages(backbone.tokenizer, texts[100:])
-    scores = probe.score(backbone, held)
+    scores = probe.evaluate(backbone, held)
     assert calls[0] == len(plan_batches(held.lengths, max_tokens=4096))
     assert list(scores["layer"]) == [0, 1, 2] and ((scores["acc"] >= 0) & (scores["top5"] <= 1)).all()
     assert (scores["top5"] >= scores["acc"]).all()
@@ -212,8 +213,9 @@ def test_one_forward_per_batch_and_only_heads_change(tiny_model: Path, monkeypat
 def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_model: Path, tmp_path: Path) -> None:
     backbone = load_backbone(tiny_model, device="cpu")
     texts = sentences(90)
-    settings = {"steps": 8, "batch_size": 8, "checkpoint_seconds": 0.0}
-    whole = MLMHeadProbe(**settings, checkpoint=tmp_path / "a.safetensors").fit(backbone, texts[:70])
+    settings = {"steps": 8, "batch_size": 8}
+    every_step = {"checkpoint_seconds": 0.0}
+    whole = MLMHeadProbe(**settings).fit(backbone, texts[:70], checkpoint=tmp_path / "a.safetensors", **every_step)
 
     class Crash(Exception):
         pass
@@ -224,18 +226,18 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_model: Path, t
 
     ckpt = tmp_path / "b.safetensors"
     with pytest.raises(Crash):
-        MLMHeadProbe(**settings, checkpoint=ckpt).fit(backbone, texts[:70], on_step=crash_at_3)
-    resumed = MLMHeadProbe(**settings, checkpoint=ckpt).fit(backbone, texts[:70])
+        MLMHeadProbe(**settings).fit(backbone, texts[:70], checkpoint=ckpt, **every_step, on_step=crash_at_3)
+    resumed = MLMHeadProbe(**settings).fit(backbone, texts[:70], checkpoint=ckpt, **every_step)
     assert resumed.resumed_from_ == 3 and len(resumed.loss_) == 5
     assert resumed.loss_ == whole.loss_[3:]
     for k, v in whole.heads_.state_dict().items():
         assert torch.equal(v, resumed.heads_.state_dict()[k]), k
-    pd.testing.assert_frame_equal(whole.score(backbone, texts[70:]), resumed.score(backbone, texts[70:]))
+    pd.testing.assert_frame_equal(whole.evaluate(backbone, texts[70:]), resumed.evaluate(backbone, texts[70:]))
     # a finished checkpoint is only loaded; other settings refuse it
-    again = MLMHeadProbe(**settings, checkpoint=ckpt).fit(backbone, texts[:70])
+    again = MLMHeadProbe(**settings).fit(backbone, texts[:70], checkpoint=ckpt, **every_step)
     assert again.resumed_from_ == 8 and again.loss_ == []
-    with pytest.raises(mlm.ProbekitError, match="other settings"):
-        MLMHeadProbe(**{**settings, "dropout_ratio": 0.9}, checkpoint=ckpt).fit(backbone, texts[:70])
+    with pytest.raises(ProbekitError, match="other settings"):
+        MLMHeadProbe(**{**settings, "dropout_ratio": 0.9}).fit(backbone, texts[:70], checkpoint=ckpt, **every_step)
 
 
 # ---------------------------------------------------------------- the command
