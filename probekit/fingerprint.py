@@ -91,8 +91,9 @@ def _describe(old: Mapping[str, Any], new: Mapping[str, Any], names: list[str]) 
     shown = []
     for n in names[:4]:
         was, now = get(old, n), get(new, n)
+        label = n.removeprefix("settings.")
         short = all(len(canonical_json(v)) <= 40 for v in (was, now))
-        shown.append(f"{n} {canonical_json(was)} -> {canonical_json(now)}" if short else n)
+        shown.append(f"{label} {canonical_json(was)} -> {canonical_json(now)}" if short else label)
     more = f" and {len(names) - 4} more" if len(names) > 4 else ""
     return ", ".join(shown) + more
 
@@ -153,9 +154,9 @@ def check(
         return "reuse"
     old = {"settings": stamp.get("settings", {}), "inputs": stamp.get("inputs", {})}
     new = {"settings": normalize(settings), "inputs": normalize(dict(inputs or {}))}
-    names = [n.removeprefix("settings.") for n in differences(old, new)] or ["the fingerprint's version"]
+    names = differences(old, new) or ["the fingerprint's version"]
     raise ResumeError(
-        f"{where} holds {what} made with other settings ({_describe(old['settings'], new['settings'], names)}); "
+        f"{where} holds {what} made with other settings ({_describe(old, new, names)}); "
         "remove it or rerun with {fresh} to start over",
         params=("fresh",),
     )

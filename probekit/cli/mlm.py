@@ -11,8 +11,7 @@ import typer
 from probekit.cli import app
 from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
 from probekit.cli.extract import DType
-from probekit.cli.options import Source, derive, flags_of
-from probekit.errors import ProbekitError
+from probekit.cli.options import Source, derive
 from probekit.mlm import MLMConfig, MLMRunConfig, mlm_probe
 
 
@@ -20,21 +19,9 @@ def _sources() -> list[Source]:
     return [(MLMConfig.label(), MLMConfig), (MLMRunConfig.label(), MLMRunConfig)]
 
 
-def _with_flags(error: ProbekitError, ctx: typer.Context) -> ProbekitError:
-    """``error`` with its parameter names rendered as this command's flags.
-
-    A stop-gap: the CLI's error boundary (``probekit.cli._flags``) misses the sub-command under typer's
-    own click, so it would print ``mask_ratio`` where the user typed ``--mask-ratio``.
-    """
-    rendered = ProbekitError(error.render({"fresh": "--fresh", **flags_of(ctx.command)}))
-    rendered.exit_code = error.exit_code
-    return rendered
-
-
 @app.command("mlm-probe")
 @derive(_sources, labelled=False)
 def mlm_probe_command(
-    ctx: typer.Context,
     model: Model,
     corpus: Annotated[
         list[str],
@@ -59,22 +46,19 @@ def mlm_probe_command(
 
     Heads are checkpointed under OUT/checkpoints: re-running the same command resumes (or only re-scores).
     """
-    try:
-        result = mlm_probe(
-            model,
-            corpus,
-            out,
-            data_dir=data_dir,
-            device=device,
-            dtype=dtype.value,
-            name=name,
-            trust_remote_code=trust_remote_code,
-            fresh=fresh,
-            progress=not quiet,
-            **options,
-        )
-    except ProbekitError as e:
-        raise _with_flags(e, ctx) from None
+    result = mlm_probe(
+        model,
+        corpus,
+        out,
+        data_dir=data_dir,
+        device=device,
+        dtype=dtype.value,
+        name=name,
+        trust_remote_code=trust_remote_code,
+        fresh=fresh,
+        progress=not quiet,
+        **options,
+    )
     if result.sweep is not None:
         print_table(
             [
