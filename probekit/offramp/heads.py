@@ -74,7 +74,7 @@ class OffRampHeads(nn.Module):
         self.eval()
         device = next(self.parameters()).device
         out = [
-            self(torch.as_tensor(np.asarray(features[s : s + chunk]), dtype=torch.float32, device=device)).cpu()
+            self(torch.as_tensor(np.array(features[s : s + chunk]), dtype=torch.float32, device=device)).cpu()
             for s in range(0, len(features), chunk)
         ]
         self.train(was_training)
