@@ -181,6 +181,9 @@ def test_fine_tuning_checkpoints_follow_the_resume_rule(tiny_model: Path, toy: P
     with pytest.raises(ProbekitError, match="checkpoint .* is damaged") as err:
         _run(tiny_model, toy, out, "joint", epochs=2)
     assert "\n" not in str(err.value)
+    (out / "checkpoint-joint" / "fingerprint.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ProbekitError, match="no readable fingerprint.json"):
+        _run(tiny_model, toy, out, "joint", epochs=2)
 
 
 class _Planted:

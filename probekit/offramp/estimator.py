@@ -41,7 +41,7 @@ def _states_and_labels(states: Any, labels: Any, split: str) -> tuple[np.ndarray
         raise ParamError("states", f"must be first-token states of every layer, [N, L+1, D]; got shape {x.shape}")
     if labels is None:
         raise ParamError("labels", "are needed (or pass a LayerCache, which holds them)")
-    y = np.asarray(labels)
+    y = np.array(labels)  # a copy: a cache's labels are a read-only map
     if len(y) != len(x):
         raise ParamError("labels", f"has {len(y)} entries for {len(x)} states")
     return x, y

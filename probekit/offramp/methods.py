@@ -150,7 +150,7 @@ class FrozenMethod(TrainingMethod):
         else:
             est = OffRamps.from_config(self.options, **params)
         est.fit(cache["train"], data.splits["train"].labels)
-        states = {s: np.asarray(cache[s]) for s in job.recorded}
+        states = {s: np.array(cache[s]) for s in job.recorded}  # in memory: the cache is a read-only map
         return Trained(est.heads_, bb.model, states, {"off-ramps": est.history_}, estimator=est)
 
 

@@ -31,7 +31,7 @@ from probekit.config import Config, option
 from probekit.data import Split
 from probekit.encoding import Tokenized, collate, encode
 from probekit.errors import ProbekitError
-from probekit.fingerprint import resume_rule, write_stamp
+from probekit.fingerprint import STAMP, resume_rule, write_stamp
 from probekit.io import remove_tree
 from probekit.offramp import checkpoint as ckpt
 from probekit.offramp.heads import OffRampHeads, per_layer_loss
@@ -234,6 +234,11 @@ def _resume(
     if folder is None:
         return None
     decision = resume_rule(folder, settings, inputs, fresh=fresh, what="an off-ramp checkpoint")
+    if decision == "new" and ckpt.exists(folder):  # a saved state whose stamp is gone or unreadable
+        raise ProbekitError(
+            f"the checkpoint {folder} has no readable {STAMP}; remove it or rerun with {{fresh}} to start over",
+            params=("fresh",),
+        )
     if decision == "reuse":
         return ckpt.load(folder) if ckpt.exists(folder) else None  # stamped, interrupted before the first save
     if decision == "fresh":
