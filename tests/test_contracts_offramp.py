@@ -10,8 +10,9 @@ import contextlib
 import pickle
 import random
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 from probekit import load_backbone, results
 from probekit.cache import LayerCache, find_caches
 from probekit.cli import app
-from probekit.config import Config
+from probekit.config import Config, option
 from probekit.cpu import cpu_threads
 from probekit.encoding import encode, tokenize
 from probekit.errors import ParamError, ProbekitError, ResumeError
@@ -33,6 +34,7 @@ from probekit.offramp import (
     OffRampConfig,
     OffRampHeads,
     OffRamps,
+    Policy,
     PolicyConfig,
     early_exit,
     run_offramp,
@@ -78,6 +80,11 @@ def exit_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", EXIT_POLICIES.names())
 def test_every_exit_policy_contract(name: str, exit_setup: dict[str, Any]) -> None:
+    check_exit_policy(name, exit_setup)
+
+
+def check_exit_policy(name: str, exit_setup: dict[str, Any]) -> None:
+    """The contract of one registered exit policy (also run on a plugin's, below)."""
     cls = EXIT_POLICIES.get(name)
     cfg = cls.config_class()
     _toml_round_trip(cfg)
@@ -99,6 +106,43 @@ def test_every_exit_policy_contract(name: str, exit_setup: dict[str, Any]) -> No
         if not policy.stochastic:  # batched: exited samples leave the batch, decisions unchanged
             batched = early_exit(bb.model, heads, tokenize(bb.tokenizer, texts), 0, policy, t, batch_size=4)
             assert batched.exit_layers.tolist() == offline.tolist(), (name, t)
+
+
+@dataclass(frozen=True)
+class MarginConfig(PolicyConfig):
+    component: ClassVar[str] = "the margin policy"
+    margin_scale: float = option(1.0, "Margin policy: scale of the thresholds.", gt=0)
+
+
+class MarginPolicy(Policy):
+    """Exit when the top-two probability margin reaches m (a plugin's policy with its own option)."""
+
+    name = "margin"
+    threshold_name = "m"
+    classification_only = True
+    config_class = MarginConfig
+
+    def thresholds(self) -> list[float]:
+        return [round(self.options.margin_scale * f, 6) for f in (0.0, 0.5, 1.0)]
+
+    def step(self, state, layer, output, hidden, prev, threshold):  # type: ignore[no-untyped-def,override]
+        top2 = torch.softmax(output.float(), dim=-1).topk(2, dim=-1).values
+        return (top2[:, 0] - top2[:, 1]) >= threshold
+
+
+def test_a_registered_policy_with_its_own_option(
+    exit_setup: dict[str, Any], tiny_model: Path, toy: Path, tmp_path: Path
+) -> None:
+    EXIT_POLICIES.register("margin", MarginPolicy)
+    try:
+        check_exit_policy("margin", exit_setup)
+        run = _run(tiny_model, toy, tmp_path / "o", "frozen", policies="margin,entropy", margin_scale=0.5)
+        pol = run.results[(run.results["source"] == "exit-policy") & (run.results["metric"] == "acc")]
+        assert sorted(set(pol["policy"])) == ["entropy", "margin"]
+        assert sorted(pol[pol["policy"] == "margin"]["threshold"]) == [0.0, 0.25, 0.5]
+        assert run.policies["margin"].config.margin_scale == 0.5 and run.settings["policy"]["margin_scale"] == 0.5
+    finally:
+        EXIT_POLICIES.unregister("margin")
 
 
 def test_policy_registry_names_aliases_and_errors() -> None:

@@ -30,7 +30,7 @@ import copy
 import datetime as _dt
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -109,21 +109,28 @@ def option_sources() -> list[tuple[str, type[Config]]]:
     return sources
 
 
-def _split_options(
-    options: Mapping[str, Any], method_config: type[TrainConfig], policy_config: type[PolicyConfig]
-) -> Iterator[dict[str, Any]]:
-    """``options`` by config: run, timing, method, policy (a name in several goes to the first)."""
-    order = (OffRampConfig, MeasureConfig, method_config, policy_config)
-    parts: list[dict[str, Any]] = [{} for _ in order]
+def _split_options(options: Mapping[str, Any], groups: Sequence[Sequence[type[Config]]]) -> list[dict[str, Any]]:
+    """``options`` by group of configs (run, timing, method, policies); a name in several goes to the first."""
+    parts: list[dict[str, Any]] = [{} for _ in groups]
     for key, value in options.items():
-        for part, cfg in zip(parts, order, strict=True):
-            if key in cfg.field_names():
+        for part, group in zip(parts, groups, strict=True):
+            if any(key in cfg.field_names() for cfg in group):
                 part[key] = value
                 break
         else:
-            known = sorted({n for cfg in order for n in cfg.field_names()})
+            known = sorted({n for group in groups for cfg in group for n in cfg.field_names()})
             raise ParamError(key, f"is not an option of the off-ramp run; its options: {', '.join(known)}")
-    yield from parts
+    return parts
+
+
+def policy_configs(
+    options: Mapping[str, Any], policy: PolicyConfig | None, seed: int
+) -> dict[type[PolicyConfig], PolicyConfig]:
+    """The options of every registered policy config class (a plugin policy may bring its own), from
+    ``policy``'s values, the given ``options`` and the run's ``seed``."""
+    given = {**(policy.to_dict() if policy is not None else {}), **options, "seed": seed}
+    classes = dict.fromkeys(cls.config_class for _, cls in EXIT_POLICIES.items())
+    return {c: c.from_mapping({k: v for k, v in given.items() if k in c.field_names()}) for c in classes}
 
 
 def resolve_method(
@@ -180,11 +187,14 @@ def run_offramp(
     chosen = method if method is not None else (mode if mode is not None else "frozen")
     probe_method = chosen if not isinstance(chosen, str) else TRAINING_METHODS.get(chosen)
     method_config = probe_method.config_class if not isinstance(probe_method, OffRamps) else TrainConfig
-    run_opts, measure_opts, method_opts, policy_opts = _split_options(options, method_config, PolicyConfig)
+    policy_classes = list(dict.fromkeys(cls.config_class for _, cls in EXIT_POLICIES.items()))
+    run_opts, measure_opts, method_opts, policy_opts = _split_options(
+        options, [[OffRampConfig], [MeasureConfig], [method_config], policy_classes]
+    )
     cfg = OffRampConfig.from_mapping({**(config or OffRampConfig()).to_dict(), **run_opts})
     tcfg = MeasureConfig.from_mapping({**(timing or MeasureConfig()).to_dict(), **measure_opts})
     method_obj = resolve_method(chosen, train, {**method_opts, "seed": cfg.seed})
-    pcfg = PolicyConfig.from_mapping({**(policy or PolicyConfig()).to_dict(), **policy_opts, "seed": cfg.seed})
+    pcfg = policy_configs(policy_opts, policy, cfg.seed)
     with cpu_threads(cfg.threads or None):
         return _run(
             model,
@@ -211,7 +221,7 @@ def _run(
     method: TrainingMethod,
     cfg: OffRampConfig,
     tcfg: MeasureConfig,
-    pcfg: PolicyConfig,
+    pcfg: dict[type[PolicyConfig], PolicyConfig],
     data_dir: str | Path | None,
     device: str,
     name: str | None,
@@ -260,7 +270,8 @@ def _run(
     t0 = time.perf_counter()
     fitted: dict[str, Policy] = {}
     for pname in names:
-        pol = EXIT_POLICIES.get(pname)(pcfg)
+        cls = EXIT_POLICIES.get(pname)
+        pol = cls(pcfg[cls.config_class])
         fitted[pname] = pol.fit(held if pol.learned else dev, progress=progress)  # type: ignore[arg-type]
     sweeps = {pname: policies.sweep(pol, dev, metric_names, seed=seed) for pname, pol in fitted.items()}
     timings["policies"] = time.perf_counter() - t0
@@ -290,7 +301,7 @@ def _run(
     settings = {
         "mode": method.name,
         "train": method.options.to_dict(),
-        "policy": pcfg.to_dict(),
+        "policy": {k: v for c in pcfg.values() for k, v in c.to_dict().items()},
         "train_n": len(data.splits["train"]),
         "heldout_n": len(held) if held is not None else 0,
         "dev_n": len(dev),
