@@ -4,10 +4,10 @@ Every policy is a component of :data:`EXIT_POLICIES` (a :class:`~probekit.regist
 plugins add theirs there) with its options in a :class:`PolicyConfig` (or a subclass), in the
 scikit-learn dialect: ``__init__`` stores the config, ``fit(record)`` learns the shapes and, for the
 learned policies, their modules (attributes ending in ``_``) and returns the policy. It is written
-once, as a step function over a batch (``start`` then ``step`` at layers 1..L), and used twice: offline by :func:`simulate` over the per-layer outputs
-recorded on a whole split (the threshold sweeps), and online by the early-exit inference
-of :mod:`probekit.offramp.inference`, which stops running layers once a sample exits. The
-last layer always exits.
+once, as a step function over a batch (``start`` then ``step`` at layers 1..L), and used twice:
+offline by :func:`simulate` over the per-layer outputs recorded on a whole split (the threshold
+sweeps), and online by the early-exit inference of :mod:`probekit.offramp.inference`, which stops
+running layers once a sample exits. The last layer always exits.
 
 - ``entropy`` (DeeBERT): exit when the entropy of the off-ramp's softmax is below S.
 - ``confidence``: exit when the largest class probability reaches t.
