@@ -25,7 +25,7 @@ from probekit.backbone import load_backbone  # noqa: E402
 from probekit.cpu import cpu_threads  # noqa: E402
 from probekit.data import load_task  # noqa: E402
 from probekit.encoding import tokenize  # noqa: E402
-from probekit.offramp import OffRamps, make_policy  # noqa: E402
+from probekit.offramp import OffRampHeads, make_policy  # noqa: E402
 from probekit.offramp.inference import measure, warm_up  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     tok = tokenize(bb.tokenizer, dev.texts[: args.n], dev.text_pairs[: args.n] if dev.text_pairs else None)
     n_layers = bb.n_layers - 1
     torch.manual_seed(0)
-    heads = OffRamps(n_layers, bb.hidden_size, 2).eval()
+    heads = OffRampHeads(n_layers, bb.hidden_size, 2).eval()
     fixed = make_policy("fixed", n_layers, 2)
     pad = int(bb.tokenizer.pad_token_id)
     print(

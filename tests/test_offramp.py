@@ -28,11 +28,11 @@ from probekit.cli import app
 from probekit.cpu import cpu_threads
 from probekit.encoding import encode, tokenize
 from probekit.errors import ProbekitError
-from probekit.offramp import LayerStepper, OffRamps, TrainConfig, early_exit, make_policy, run_offramp, simulate
+from probekit.offramp import LayerStepper, OffRampHeads, TrainConfig, early_exit, make_policy, run_offramp, simulate
 from probekit.offramp import train as train_mod
 from probekit.offramp.heads import record
 from probekit.offramp.policies import Policy
-from probekit.offramp.train import deebert_stage2, finetune, trainable_copy
+from probekit.offramp.train import deebert_stage2, read_checkpoint, train_encoder_with_offramps, trainable_copy
 from tests.helpers import make_tiny_bert, random_sentence
 
 
@@ -115,7 +115,7 @@ def _exit_setup(model_dir: Path, n: int = 14):  # type: ignore[no-untyped-def]
     texts = [random_sentence(rng, 1, 12) for _ in range(n)]
     labels = np.array([i % 2 for i in range(n)])
     torch.manual_seed(0)
-    heads = OffRamps(4, 32, 2, dropout=0.1)
+    heads = OffRampHeads(4, 32, 2, dropout=0.1)
     for ramp in heads.ramps:
         torch.nn.init.normal_(ramp.classifier.weight, std=2.0)
     heads.eval()
@@ -169,9 +169,9 @@ def test_deebert_stage2_leaves_encoder_and_last_ramp_bit_identical(tiny_model: P
     texts, tok, labels = _toy_tok(bb)
     encoder = trainable_copy(bb.model)
     torch.manual_seed(0)
-    heads = OffRamps(2, 32, 2)
+    heads = OffRampHeads(2, 32, 2)
     cfg = TrainConfig(epochs=1, batch_size=8, checkpoint_every=1000)
-    finetune(encoder, heads, tok, labels, 0, cfg, ramps=[1], progress=False)  # stage 1
+    train_encoder_with_offramps(encoder, heads, tok, labels, 0, cfg, ramps=[1], progress=False)  # stage 1
     from probekit.backbone import Backbone
     from probekit.data import Split
 
@@ -195,10 +195,10 @@ def test_finetune_resumes_after_interruption(tiny_model: Path, tmp_path: Path, m
 
     def fresh():  # type: ignore[no-untyped-def]
         torch.manual_seed(0)
-        return trainable_copy(bb.model), OffRamps(2, 32, 2)
+        return trainable_copy(bb.model), OffRampHeads(2, 32, 2)
 
     enc_a, heads_a = fresh()
-    finetune(enc_a, heads_a, tok, labels, 0, cfg, progress=False)
+    train_encoder_with_offramps(enc_a, heads_a, tok, labels, 0, cfg, progress=False)
     enc_b, heads_b = fresh()
     calls = [0]
     real = train_mod.collate
@@ -210,13 +210,13 @@ def test_finetune_resumes_after_interruption(tiny_model: Path, tmp_path: Path, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "collate", crash)
-    ckpt = tmp_path / "ckpt.pt"
+    ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
-        finetune(enc_b, heads_b, tok, labels, 0, cfg, checkpoint=ckpt, progress=False)
-    assert torch.load(ckpt, weights_only=False)["step"] == 2
+        train_encoder_with_offramps(enc_b, heads_b, tok, labels, 0, cfg, checkpoint=ckpt, progress=False)
+    assert read_checkpoint(ckpt)["step"] == 2
     monkeypatch.setattr(train_mod, "collate", real)
     enc_c, heads_c = fresh()
-    finetune(enc_c, heads_c, tok, labels, 0, cfg, checkpoint=ckpt, progress=False)
+    train_encoder_with_offramps(enc_c, heads_c, tok, labels, 0, cfg, checkpoint=ckpt, progress=False)
     for a, c in ((enc_a, enc_c), (heads_a, heads_c)):
         for (k, va), vc in zip(a.state_dict().items(), c.state_dict().values(), strict=True):
             assert torch.equal(va, vc), k
@@ -254,11 +254,11 @@ def test_cli_end_to_end_frozen(tiny_model: Path, tmp_path: Path) -> None:
     df = load_results(out)
     layers = df[df["source"] == "offramp"]
     assert layers["layer"].tolist() == [1, 2] and set(layers["metric"]) == {"acc"}
-    assert set(layers["probe"]) == {"frozen"} and (layers["n"] == 24).all()
+    assert set(layers["mode"]) == {"frozen"} and (layers["n"] == 24).all()
     pol = df[df["source"] == "exit-policy"]
     assert set(pol["policy"]) == {"entropy", "confidence", "patience", "lte", "pondernet", "qexit"}
     scores = pol[pol["metric"] == "acc"]
-    assert (scores["layer"] == -1).all() and scores["value"].between(0, 1).all()
+    assert scores["layer"].isna().all() and scores["value"].between(0, 1).all()
     assert scores["expected_saving"].between(0, 0.5).all()  # at most 1 - 1/L
     assert scores["mean_exit_layer"].between(1, 2).all()
     hist = pol[pol["metric"] == "exit_fraction"]
@@ -270,7 +270,7 @@ def test_cli_end_to_end_frozen(tiny_model: Path, tmp_path: Path) -> None:
     assert (deterministic["online_agreement"] == 1.0).all()
     for name in ("layers", "tradeoff", "exits", "savings"):
         assert (tmp_path / "figs" / f"offramp_sst2_tiny_frozen_{name}.png").is_file(), name
-    assert (out / "offramps.pt").is_file() and (out / "records.npz").is_file()
+    assert (out / "offramps.safetensors").is_file() and (out / "records.npz").is_file()
     # a second run reuses the feature cache
     caches = list((out / "cache").rglob("manifest.json"))
     assert len(caches) == 1
@@ -293,7 +293,7 @@ def test_deebert_and_joint_modes(tiny_model: Path, tmp_path: Path) -> None:
         measure=False,
         progress=False,
     )
-    stage1 = torch.load(tmp_path / "dee" / "checkpoint-deebert-stage1.pt", weights_only=False)
+    stage1 = read_checkpoint(tmp_path / "dee" / "checkpoint-deebert-stage1")
     for k, v in dee.encoder.state_dict().items():  # stage 2 left the stage-1 encoder as it was
         assert torch.equal(v, stage1["model"][k]), k
     for k, v in dee.heads.ramps[-1].state_dict().items():
@@ -313,7 +313,7 @@ def test_deebert_and_joint_modes(tiny_model: Path, tmp_path: Path) -> None:
     frozen = load_backbone(tiny_model).model.state_dict()
     changed = [k for k, v in joint.encoder.state_dict().items() if not torch.equal(v, frozen[k])]
     assert changed  # the encoder was trained
-    assert set(joint.results["probe"]) == {"joint"} and set(dee.results["probe"]) == {"deebert"}
+    assert set(joint.results["mode"]) == {"joint"} and set(dee.results["mode"]) == {"deebert"}
 
 
 def test_cli_user_errors(tiny_model: Path, tmp_path: Path) -> None:
@@ -348,7 +348,7 @@ def test_batched_exit_trims_the_padding_of_the_samples_left(tiny4: Path) -> None
     widths: list[int] = []
     hook = bb.model.encoder.layer[1].register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
     try:
-        run = early_exit(bb.model, heads, tok, 0, LongestLeaveFirst(4, 2), 3, batch_size=len(texts))
+        run = early_exit(bb.model, heads, tok, 0, LongestLeaveFirst().set_shape(4, 2), 3, batch_size=len(texts))
     finally:
         hook.remove()
     want = np.array([1 if i in longest else 4 for i in range(len(texts))])

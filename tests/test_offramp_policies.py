@@ -96,9 +96,10 @@ class TableQExit(QExitPolicy):
     """Q-exit with halting probabilities from a table ([N, L]) instead of a trained MLP."""
 
     def __init__(self, table: list[list[float]]) -> None:
-        super().__init__(len(table[0]), 2)
+        super().__init__()
+        self.set_shape(len(table[0]), 2)
         self.table = torch.tensor(table)
-        self.net = None
+        self.net_ = None
 
     def _lambda_step(self, net, layer, hidden, prev):  # type: ignore[no-untyped-def,override]
         return self.table[: len(hidden), layer - 1]
@@ -171,10 +172,10 @@ def test_learned_policies_learn_a_planted_signal() -> None:
     exits = simulate(lte, rec, 0.5)
     acc = (rec.predictions()[np.arange(n), exits - 1] == labels).mean()
     assert acc > 0.8 and exits.mean() < 2.0  # ideal: 7/8 right (all three wrong 1/8), mean exit 1.75
-    assert lte.history["lte"][-1] < lte.history["lte"][0]
+    assert lte.history_["lte"][-1] < lte.history_["lte"][0]
     q = make_policy("qexit", n_layers, 2, cfg)
     q.fit(rec)
-    assert q.history["qexit@0.1"][-1] < q.history["qexit@0.1"][0]
+    assert q.history_["qexit@0.1"][-1] < q.history_["qexit@0.1"][0]
 
 
 def test_expected_saving_hand_computed() -> None:

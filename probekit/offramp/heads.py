@@ -2,7 +2,7 @@
 
 An off-ramp (DeeBERT's ``BertHighway``) reads the first token's hidden state of its layer:
 a pooler (dense + tanh), dropout and a linear layer to the classes, or to one number for a
-regression task (STS-B). ``OffRamps`` holds one per transformer layer; ramp ``i`` (0-based)
+regression task (STS-B). ``OffRampHeads`` holds one per transformer layer; ramp ``i`` (0-based)
 sits on layer ``i + 1`` (layer 0 is the embeddings, which have no off-ramp).
 """
 
@@ -50,7 +50,7 @@ class OffRamp(nn.Module):
         self.scale.copy_(x.std(0).clamp_min(1e-6))
 
 
-class OffRamps(nn.Module):
+class OffRampHeads(nn.Module):
     """One off-ramp per transformer layer (``n_layers`` = L, the layers 1..L)."""
 
     def __init__(self, n_layers: int, hidden: int, n_classes: int, dropout: float = 0.1) -> None:
@@ -74,7 +74,7 @@ class OffRamps(nn.Module):
         self.eval()
         device = next(self.parameters()).device
         out = [
-            self(torch.as_tensor(np.asarray(features[s : s + chunk]), dtype=torch.float32, device=device)).cpu()
+            self(torch.as_tensor(np.array(features[s : s + chunk]), dtype=torch.float32, device=device)).cpu()
             for s in range(0, len(features), chunk)
         ]
         self.train(was_training)
@@ -130,7 +130,7 @@ class Record:
         return Record(self.hidden[idx], self.outputs[idx], self.labels[idx], self.regression)
 
 
-def record(heads: OffRamps, hidden: np.ndarray, labels: np.ndarray) -> Record:
+def record(heads: OffRampHeads, hidden: np.ndarray, labels: np.ndarray) -> Record:
     """Run the off-ramps over first-token states of every layer ([N, L+1, D], from a cache or ``encode``)."""
     hidden = np.asarray(hidden, dtype=np.float32)
     return Record(hidden, heads.outputs(hidden[:, 1:]), np.asarray(labels), heads.regression)

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 
 from probekit.encoding import Tokenized, collate, plan_batches
 from probekit.errors import ProbekitError
-from probekit.offramp.heads import OffRamps
+from probekit.offramp.heads import OffRampHeads
 from probekit.offramp.policies import Policy
 
 BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
@@ -41,7 +42,8 @@ class LayerStepper:
             raise ProbekitError(
                 f"early-exit inference runs BERT-family encoders ({', '.join(BERT_LIKE)}); "
                 f"{type(model).__name__} (model_type {model_type!r}) is not supported. "
-                "Use --no-measure to get the policies' expected savings without timing"
+                "Turn {measure} off to get the policies' expected savings without timing",
+                params=("measure",),
             )
         self.model = model
         self.config = config
@@ -64,8 +66,6 @@ class LayerStepper:
         return self.project(h) if self.project is not None else h
 
     def mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        from transformers.masking_utils import create_bidirectional_mask
-
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
     def block(self, i: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
@@ -103,7 +103,7 @@ def _batches(tok: Tokenized, batch_size: int) -> list[np.ndarray]:
 @torch.inference_mode()
 def early_exit(
     model: nn.Module,
-    heads: OffRamps,
+    heads: OffRampHeads,
     tok: Tokenized,
     pad_id: int,
     policy: Policy | None,
@@ -187,7 +187,7 @@ class Timing:
 
 def measure(
     model: nn.Module,
-    heads: OffRamps,
+    heads: OffRampHeads,
     tok: Tokenized,
     pad_id: int,
     policy: Policy,
@@ -212,7 +212,7 @@ def measure(
 
 def warm_up(
     model: nn.Module,
-    heads: OffRamps,
+    heads: OffRampHeads,
     tok: Tokenized,
     pad_id: int,
     batch_sizes: tuple[int, ...],

@@ -1,10 +1,13 @@
 """Exit policies: when a sample leaves the encoder, decided layer by layer.
 
-Every policy is written once, as a step function over a batch (``start`` then ``step`` at
-layers 1..L), and used twice: offline by :func:`simulate` over the per-layer outputs
-recorded on a whole split (the threshold sweeps), and online by the early-exit inference
-of :mod:`probekit.offramp.inference`, which stops running layers once a sample exits. The
-last layer always exits.
+Every policy is a component of :data:`EXIT_POLICIES` (a :class:`~probekit.registry.Registry`;
+plugins add theirs there) with its options in a :class:`PolicyConfig` (or a subclass), in the
+scikit-learn dialect: ``__init__`` stores the config, ``fit(record)`` learns the shapes and, for the
+learned policies, their modules (attributes ending in ``_``) and returns the policy. It is written
+once, as a step function over a batch (``start`` then ``step`` at layers 1..L), and used twice:
+offline by :func:`simulate` over the per-layer outputs recorded on a whole split (the threshold
+sweeps), and online by the early-exit inference of :mod:`probekit.offramp.inference`, which stops
+running layers once a sample exits. The last layer always exits.
 
 - ``entropy`` (DeeBERT): exit when the entropy of the off-ramp's softmax is below S.
 - ``confidence``: exit when the largest class probability reaches t.
@@ -34,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -42,26 +45,31 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from probekit import metrics as M
+from probekit.config import Config, option
 from probekit.cpu import cpu_threads
 from probekit.errors import ProbekitError
 from probekit.offramp.heads import Record
+from probekit.registry import Registry
 
 State = dict[str, torch.Tensor]
 
 
-@dataclass
-class PolicyConfig:
-    """Training settings of the learned policies (LTE, PonderNet, PALBERT)."""
+@dataclass(frozen=True)
+class PolicyConfig(Config):
+    """Options of the exit policies: the learned ones' training settings (LTE, PonderNet, PALBERT) and the
+    patience tolerance. ``epochs``, ``lr``, ``batch_size`` and ``seed`` are no CLI options (the CLI's
+    ``--epochs``/``--lr``/``--batch-size`` are the off-ramps'; the run's ``seed`` sets this one)."""
 
-    epochs: int = 40
-    lr: float = 5e-3
-    batch_size: int = 256
-    beta: float = 0.5
-    prior_lambda: float = 0.1
-    mlp_hidden: int = 128
-    tolerance: float = 0.1
-    """Patience on regression: consecutive predictions closer than this agree."""
-    seed: int = 0
+    component: ClassVar[str] = "the exit policies"
+
+    epochs: int = option(40, "Learned policies: training epochs.", ge=1, cli=False)
+    lr: float = option(5e-3, "Learned policies: Adam learning rate.", gt=0, cli=False)
+    batch_size: int = option(256, "Learned policies: batch size.", ge=1, cli=False)
+    beta: float = option(0.5, "PonderNet/PALBERT: weight of the KL to the geometric prior.", ge=0)
+    prior_lambda: float = option(0.1, "PALBERT (qexit): lambda_p of the geometric prior.", gt=0, le=1)
+    mlp_hidden: int = option(128, "PALBERT (qexit): width of the lambda MLP.", ge=1)
+    tolerance: float = option(0.1, "Patience on regression: consecutive predictions closer than this agree.", ge=0)
+    seed: int = option(0, "Seed of the learned policies' training (the run's seed overrides it).", cli=False)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -157,27 +165,51 @@ def _train_loop(module: nn.Module, loss_fn: Any, n: int, cfg: PolicyConfig, desc
 
 # ---------------------------------------------------------------- policies
 
+EXIT_POLICIES: Registry[type[Policy]] = Registry("exit policy", "policy")
+"""Every exit policy, by name (aliases: the paper's method, e.g. ``pabee``); plugins register theirs here."""
+
 
 class Policy:
-    """An exit rule; subclasses define ``step``. Learned ones are fitted with ``fit`` first."""
+    """An exit rule (scikit-learn dialect): ``__init__`` stores the options, :meth:`fit` learns the shapes
+    (``n_layers_``, ``n_classes_``) from a record, and the learned policies their modules (ending in ``_``);
+    subclasses define :meth:`step` and :meth:`thresholds`. Register one with ``@EXIT_POLICIES.register(name)``."""
 
     name: ClassVar[str] = ""
     threshold_name: ClassVar[str] = "threshold"
     learned: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
     classification_only: ClassVar[bool] = False
+    default: ClassVar[bool] = True
+    """Part of the default set (``policies="all"``)."""
+    config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
 
-    def __init__(self, n_layers: int, n_classes: int, cfg: PolicyConfig | None = None) -> None:
-        self.n_layers = n_layers
-        self.n_classes = n_classes
-        self.regression = n_classes == 0
-        self.cfg = cfg or PolicyConfig()
-        self.history: dict[str, list[float]] = {}
-        if self.classification_only and self.regression:
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        self.config = config
+
+    @property
+    def options(self) -> PolicyConfig:
+        """The options in force (the defaults when ``config`` is None)."""
+        return self.config if self.config is not None else self.config_class()
+
+    @property
+    def regression_(self) -> bool:
+        return self.n_classes_ == 0
+
+    def set_shape(self, n_layers: int, n_classes: int) -> Self:
+        """Record the shapes a policy runs on (``n_classes=0``: regression); what :meth:`fit` learns first."""
+        if self.classification_only and n_classes == 0:
             raise ProbekitError(
                 f"exit policy {self.name!r} needs class probabilities; a regression task has none "
                 "(use patience, lte, pondernet or qexit)"
             )
+        self.n_layers_ = int(n_layers)
+        self.n_classes_ = int(n_classes)
+        self.history_: dict[str, list[float]] = {}
+        return self
+
+    def fit(self, rec: Record, progress: bool = False) -> Self:
+        """Learn from the recorded outputs of a held-out split (rule-based policies: the shapes only)."""
+        return self.set_shape(rec.n_layers, 0 if rec.regression else int(rec.outputs.shape[-1]))
 
     def thresholds(self) -> list[float]:
         raise NotImplementedError
@@ -193,10 +225,8 @@ class Policy:
         first-token state ``hidden`` of this layer and ``prev`` of the layer below ([B, D])."""
         raise NotImplementedError
 
-    def fit(self, rec: Record, progress: bool = False) -> None:
-        """Learned policies: fit on the recorded outputs of a held-out split."""
-
     def state_dict(self) -> dict[str, Any]:
+        """The learned tensors (nested dicts of tensors; empty for rule-based policies)."""
         return {}
 
     def to(self, device: torch.device | str) -> Policy:
@@ -211,13 +241,16 @@ class Policy:
         return self
 
 
+@EXIT_POLICIES.register("entropy", aliases=("deebert",))
 class EntropyPolicy(Policy):
+    """DeeBERT: exit when the entropy of the off-ramp's softmax is below S."""
+
     name = "entropy"
     threshold_name = "S"
     classification_only = True
 
     def thresholds(self) -> list[float]:
-        top = math.log(max(self.n_classes, 2))
+        top = math.log(max(self.n_classes_, 2))
         return [round(top * f, 6) for f in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
 
     def step(
@@ -226,13 +259,16 @@ class EntropyPolicy(Policy):
         return entropy(output) < threshold
 
 
+@EXIT_POLICIES.register("confidence", aliases=("maxprob",))
 class ConfidencePolicy(Policy):
+    """Exit when the largest class probability reaches t."""
+
     name = "confidence"
     threshold_name = "t"
     classification_only = True
 
     def thresholds(self) -> list[float]:
-        low = 1.0 / max(self.n_classes, 2)
+        low = 1.0 / max(self.n_classes_, 2)
         return [round(low + (1 - low) * f, 6) for f in (0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)]
 
     def step(
@@ -241,41 +277,31 @@ class ConfidencePolicy(Policy):
         return torch.softmax(output.float(), dim=-1).max(-1).values >= threshold
 
 
+@EXIT_POLICIES.register("patience", aliases=("pabee",))
 class PatiencePolicy(Policy):
+    """PABEE: exit when t consecutive off-ramps agree with the one before."""
+
     name = "patience"
     threshold_name = "t"
 
     def thresholds(self) -> list[float]:
-        return [float(t) for t in range(self.n_layers)]
+        return [float(t) for t in range(self.n_layers_)]
 
     def start(self, n: int, device: torch.device | str = "cpu", seed: int = 0) -> State:
         return {
             "count": torch.zeros(n, dtype=torch.long, device=device),
-            "prev": torch.zeros(n, dtype=torch.float32 if self.regression else torch.long, device=device),
+            "prev": torch.zeros(n, dtype=torch.float32 if self.regression_ else torch.long, device=device),
         }
 
     def step(
         self, state: State, layer: int, output: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor, threshold: float
     ) -> torch.Tensor:
-        pred = output[:, 0].float() if self.regression else output.argmax(-1)
+        pred = output[:, 0].float() if self.regression_ else output.argmax(-1)
         if layer > 1:
-            same = (pred - state["prev"]).abs() < self.cfg.tolerance if self.regression else pred == state["prev"]
+            same = (pred - state["prev"]).abs() < self.options.tolerance if self.regression_ else pred == state["prev"]
             state["count"] = torch.where(same, state["count"] + 1, torch.zeros_like(state["count"]))
         state["prev"] = pred
         return state["count"] >= threshold
-
-
-class FixedPolicy(Policy):
-    name = "fixed"
-    threshold_name = "layer"
-
-    def thresholds(self) -> list[float]:
-        return [float(i) for i in range(1, self.n_layers + 1)]
-
-    def step(
-        self, state: State, layer: int, output: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor, threshold: float
-    ) -> torch.Tensor:
-        return torch.full((len(output),), layer >= threshold, dtype=torch.bool, device=output.device)
 
 
 class LTEPolicy(Policy):
@@ -288,30 +314,33 @@ class LTEPolicy(Policy):
     def thresholds(self) -> list[float]:
         return [round(x, 2) for x in np.linspace(0.0, 1.0, 11)]
 
-    def fit(self, rec: Record, progress: bool = False) -> None:
-        self.norm = Standardize(rec.hidden)
-        self.net = _zero_linear(rec.hidden.shape[-1])
-        x = self.norm(torch.from_numpy(rec.hidden))[:, 1:]  # [N, L, D]
+    def fit(self, rec: Record, progress: bool = False) -> Self:
+        super().fit(rec)
+        self.norm_ = Standardize(rec.hidden)
+        self.net_ = _zero_linear(rec.hidden.shape[-1])
+        x = self.norm_(torch.from_numpy(rec.hidden))[:, 1:]  # [N, L, D]
         pred = torch.from_numpy(rec.predictions())
         labels = torch.from_numpy(np.asarray(rec.labels))[:, None]
         correct = (pred == labels).float()
-        target = 1 - torch.tanh((pred.float() - labels.float()).abs()) if self.regression else correct
-        self.history["lte"] = _train(
-            self.net,
-            lambda idx: ((torch.sigmoid(self.net(x[idx])[..., 0]) - target[idx]) ** 2).mean(),
+        target = 1 - torch.tanh((pred.float() - labels.float()).abs()) if self.regression_ else correct
+        net = self.net_
+        self.history_["lte"] = _train(
+            net,
+            lambda idx: ((torch.sigmoid(net(x[idx])[..., 0]) - target[idx]) ** 2).mean(),
             len(x),
-            self.cfg,
+            self.options,
             "LTE",
             progress,
         )
+        return self
 
     def step(
         self, state: State, layer: int, output: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor, threshold: float
     ) -> torch.Tensor:
-        return torch.sigmoid(self.net(self.norm(hidden, layer))[:, 0]) > threshold
+        return torch.sigmoid(self.net_(self.norm_(hidden, layer))[:, 0]) > threshold
 
     def state_dict(self) -> dict[str, Any]:
-        return {"norm": self.norm.state_dict(), "net": self.net.state_dict()}
+        return {"norm": self.norm_.state_dict(), "net": self.net_.state_dict()}
 
 
 class PonderNetPolicy(Policy):
@@ -333,52 +362,55 @@ class PonderNetPolicy(Policy):
         return torch.sigmoid(net(x[:, 1:])[..., 0])
 
     def _lambda_step(self, net: nn.Module, layer: int, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(net(self.norm(hidden, layer))[:, 0])
+        return torch.sigmoid(net(self.norm_(hidden, layer))[:, 0])
 
     def _fit_one(self, rec: Record, prior_lambda: float, progress: bool) -> nn.Module:
-        torch.manual_seed(self.cfg.seed)
+        cfg = self.options
+        torch.manual_seed(cfg.seed)
         net = self._make(rec.hidden.shape[-1])
-        x = self.norm(torch.from_numpy(rec.hidden))
+        x = self.norm_(torch.from_numpy(rec.hidden))
         losses = torch.from_numpy(rec.losses()).float()
-        self.history[f"{self.name}@{prior_lambda}"] = _train(
+        self.history_[f"{self.name}@{prior_lambda}"] = _train(
             net,
-            lambda idx: ponder_loss(self._lambdas(net, x[idx]), losses[idx], self.cfg.beta, prior_lambda),
+            lambda idx: ponder_loss(self._lambdas(net, x[idx]), losses[idx], cfg.beta, prior_lambda),
             len(x),
-            self.cfg,
+            cfg,
             f"{self.name} lambda_p={prior_lambda}",
             progress,
         )
         return net
 
-    def fit(self, rec: Record, progress: bool = False) -> None:
-        self.norm = Standardize(rec.hidden)
-        self.nets = {float(p): self._fit_one(rec, float(p), progress) for p in self.thresholds()}
+    def fit(self, rec: Record, progress: bool = False) -> Self:
+        super().fit(rec)
+        self.norm_ = Standardize(rec.hidden)
+        self.nets_ = {float(p): self._fit_one(rec, float(p), progress) for p in self.thresholds()}
+        return self
 
     def lambdas(self, hidden: np.ndarray, threshold: float) -> torch.Tensor:
         """Halting probabilities [N, L] for first-token states of layers 0..L (last layer set to 1)."""
         with torch.no_grad():
-            lam = self._lambdas(self._net(threshold), self.norm(torch.as_tensor(hidden)))
+            lam = self._lambdas(self._net(threshold), self.norm_(torch.as_tensor(hidden)))
         lam[:, -1] = 1.0
         return lam
 
     def _net(self, threshold: float) -> nn.Module:
-        return self.nets[float(threshold)]
+        return self.nets_[float(threshold)]
 
     def start(self, n: int, device: torch.device | str = "cpu", seed: int = 0) -> State:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator_ = torch.Generator().manual_seed(seed)
         return {}
 
     def step(
         self, state: State, layer: int, output: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor, threshold: float
     ) -> torch.Tensor:
         lam = self._lambda_step(self._net(threshold), layer, hidden, prev)
-        if layer == self.n_layers:
+        if layer == self.n_layers_:
             lam = torch.ones_like(lam)  # the last layer takes the remaining mass
-        draw = torch.rand(len(lam), generator=self.generator).to(lam.device)
+        draw = torch.rand(len(lam), generator=self.generator_).to(lam.device)
         return draw < lam
 
     def state_dict(self) -> dict[str, Any]:
-        return {"norm": self.norm.state_dict(), "nets": {str(k): v.state_dict() for k, v in self.nets.items()}}
+        return {"norm": self.norm_.state_dict(), "nets": {str(k): v.state_dict() for k, v in self.nets_.items()}}
 
 
 class QExitPolicy(PonderNetPolicy):
@@ -392,22 +424,24 @@ class QExitPolicy(PonderNetPolicy):
         return [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 
     def _make(self, dim: int) -> nn.Module:
-        h = self.cfg.mlp_hidden
+        h = self.options.mlp_hidden
         return nn.Sequential(nn.Linear(2 * dim, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 1))
 
     def _lambdas(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(net(torch.cat([x[:, 1:], x[:, :-1]], dim=-1))[..., 0])
 
     def _lambda_step(self, net: nn.Module, layer: int, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.norm(hidden, layer), self.norm(prev, layer - 1)], dim=-1)
+        x = torch.cat([self.norm_(hidden, layer), self.norm_(prev, layer - 1)], dim=-1)
         return torch.sigmoid(net(x)[:, 0])
 
-    def fit(self, rec: Record, progress: bool = False) -> None:
-        self.norm = Standardize(rec.hidden)
-        self.net = self._fit_one(rec, self.cfg.prior_lambda, progress)
+    def fit(self, rec: Record, progress: bool = False) -> Self:
+        Policy.fit(self, rec)
+        self.norm_ = Standardize(rec.hidden)
+        self.net_ = self._fit_one(rec, self.options.prior_lambda, progress)
+        return self
 
     def _net(self, threshold: float) -> nn.Module:
-        return self.net
+        return self.net_
 
     def start(self, n: int, device: torch.device | str = "cpu", seed: int = 0) -> State:
         return {"survive": torch.ones(n, device=device), "cdf": torch.zeros(n, device=device)}
@@ -415,42 +449,61 @@ class QExitPolicy(PonderNetPolicy):
     def step(
         self, state: State, layer: int, output: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor, threshold: float
     ) -> torch.Tensor:
-        lam = self._lambda_step(self.net, layer, hidden, prev)
-        if layer == self.n_layers:
+        lam = self._lambda_step(self.net_, layer, hidden, prev)
+        if layer == self.n_layers_:
             lam = torch.ones_like(lam)
         state["cdf"] = state["cdf"] + lam * state["survive"]
         state["survive"] = state["survive"] * (1 - lam)
         return state["cdf"] >= threshold
 
     def state_dict(self) -> dict[str, Any]:
-        return {"norm": self.norm.state_dict(), "net": self.net.state_dict()}
+        return {"norm": self.norm_.state_dict(), "net": self.net_.state_dict()}
 
 
-POLICIES: dict[str, type[Policy]] = {
-    p.name: p
-    for p in (EntropyPolicy, ConfidencePolicy, PatiencePolicy, LTEPolicy, PonderNetPolicy, QExitPolicy, FixedPolicy)
-}
-ALIASES = {"maxprob": "confidence", "pabee": "patience", "deebert": "entropy", "berxit": "lte", "palbert": "qexit"}
-DEFAULT = ("entropy", "confidence", "patience", "lte", "pondernet", "qexit")
+class FixedPolicy(Policy):
+    """Every sample exits at layer t (the forced-exit curve, for timing it)."""
+
+    name = "fixed"
+    threshold_name = "layer"
+    default = False
+
+    def thresholds(self) -> list[float]:
+        return [float(i) for i in range(1, self.n_layers_ + 1)]
+
+    def step(
+        self, state: State, layer: int, output: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor, threshold: float
+    ) -> torch.Tensor:
+        return torch.full((len(output),), layer >= threshold, dtype=torch.bool, device=output.device)
+
+
+# registration order is the order of the default set and of the help
+EXIT_POLICIES.register("lte", LTEPolicy, aliases=("berxit",))
+EXIT_POLICIES.register("pondernet", PonderNetPolicy)
+EXIT_POLICIES.register("qexit", QExitPolicy, aliases=("palbert",))
+EXIT_POLICIES.register("fixed", FixedPolicy)
+
+
+def default_policies(regression: bool) -> list[str]:
+    """The default set: the registered policies marked ``default`` that fit the task."""
+    return [n for n, cls in EXIT_POLICIES.items() if cls.default and not (regression and cls.classification_only)]
 
 
 def parse_policies(names: str | Sequence[str] | None, regression: bool) -> list[str]:
     """Policy names from a list or a comma-separated string (default: all that fit the task)."""
     if names is None or names == "" or names == "all":
-        return [n for n in DEFAULT if not (regression and POLICIES[n].classification_only)]
+        return default_policies(regression)
     items = names.split(",") if isinstance(names, str) else list(names)
     out = []
     for raw in items:
-        key = ALIASES.get(raw.strip().lower(), raw.strip().lower())
-        if key not in POLICIES:
-            raise ProbekitError(f"unknown exit policy {raw.strip()!r}; choose from {', '.join(POLICIES)}")
+        key = EXIT_POLICIES.canonical(raw.strip())
         if key not in out:
             out.append(key)
     return out
 
 
 def make_policy(name: str, n_layers: int, n_classes: int, cfg: PolicyConfig | None = None) -> Policy:
-    return POLICIES[name](n_layers, n_classes, cfg)
+    """A registered policy with its shapes set (rule-based policies are then ready; learned ones need ``fit``)."""
+    return EXIT_POLICIES.get(name)(cfg).set_shape(n_layers, n_classes)
 
 
 # ---------------------------------------------------------------- offline evaluation

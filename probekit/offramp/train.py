@@ -1,17 +1,15 @@
-"""Training the off-ramps three ways.
+"""Training kernels of the off-ramps: on fixed states, and with the encoder.
 
-- ``frozen``: the encoder stays as it is; every off-ramp is trained on its layer's cached
-  first-token states (``probekit extract --pool cls``). Cheap, and the probing view: what
-  each layer of the pre-trained encoder makes linearly-ish decodable.
-- ``deebert``: DeeBERT's two stages. Stage 1 fine-tunes the encoder with the last off-ramp
-  (the usual fine-tuning); stage 2 freezes all of that and trains the other off-ramps on
-  the fine-tuned encoder's states.
-- ``joint``: encoder and all off-ramps trained together on the sum of their losses.
+- :func:`fit_heads`: off-ramps trained on fixed first-token states (the ``frozen`` method, and
+  DeeBERT's stage 2, :func:`deebert_stage2`);
+- :func:`train_encoder_with_offramps`: a trainable copy of the encoder (the frozen ``Backbone`` is
+  never touched) and off-ramps trained together on the sum of their losses (DeeBERT's stage 1, and
+  the ``joint`` method), with AdamW, linear warm-up and decay, gradient clipping and a fixed seed;
+  it checkpoints every ``checkpoint_every`` steps (safetensors + JSON, :mod:`probekit.offramp.checkpoint`)
+  and resumes after an interruption by the resume rule of :mod:`probekit.fingerprint`.
 
-Fine-tuning works on a trainable copy of the encoder (the frozen ``Backbone`` is never
-touched), with AdamW, linear warm-up and decay, gradient clipping and a fixed seed; it
-checkpoints every ``checkpoint_every`` steps and resumes from the checkpoint after an
-interruption (same settings only).
+The training methods built from them (``frozen``, ``deebert``, ``joint``) are components of
+:data:`probekit.offramp.methods.TRAINING_METHODS`.
 """
 
 from __future__ import annotations
@@ -19,9 +17,9 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,34 +27,35 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from probekit.backbone import Backbone
+from probekit.config import Config, option
 from probekit.data import Split
 from probekit.encoding import Tokenized, collate, encode
 from probekit.errors import ProbekitError
-from probekit.io import atomic_path, sha256_json
-from probekit.offramp.heads import OffRamps, per_layer_loss
+from probekit.fingerprint import STAMP, resume_rule, write_stamp
+from probekit.io import remove_tree
+from probekit.offramp import checkpoint as ckpt
+from probekit.offramp.heads import OffRampHeads, per_layer_loss
 
-MODES = ("frozen", "deebert", "joint")
 
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Optimisation settings of the off-ramps (``epochs=None``: 5 for frozen off-ramps, 2 when fine-tuning).
 
-@dataclass
-class TrainConfig:
-    """Optimisation settings (``epochs=None``: 5 for frozen off-ramps, 2 when fine-tuning)."""
+    Every training method (:mod:`probekit.offramp.methods`) takes these; each sets its own ``epochs``."""
 
-    epochs: int | None = None
-    batch_size: int = 32
-    """Batch size when fine-tuning the encoder."""
-    head_batch_size: int = 128
-    """Batch size when training off-ramps on fixed states (frozen, deebert stage 2)."""
-    lr: float = 3e-5
-    """Encoder learning rate (deebert stage 1, joint)."""
-    head_lr: float = 1e-3
-    """Off-ramp learning rate."""
-    weight_decay: float = 0.01
-    warmup: float = 0.1
-    dropout: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 100
+    component: ClassVar[str] = "the off-ramp training"
+
+    epochs: int | None = option(None, "Epochs (default 5 frozen, 2 fine-tuning).", ge=1)
+    batch_size: int = option(32, "Batch size when fine-tuning the encoder (deebert, joint).", ge=1)
+    head_batch_size: int = option(128, "Batch size of off-ramps on fixed states (frozen, deebert stage 2).", ge=1)
+    lr: float = option(3e-5, "Encoder learning rate (deebert stage 1, joint).", gt=0)
+    head_lr: float = option(1e-3, "Off-ramp learning rate.", gt=0)
+    weight_decay: float = option(0.01, "AdamW weight decay.", ge=0)
+    warmup: float = option(0.1, "Fraction of the fine-tuning steps with a linear learning-rate warm-up.", ge=0, le=1)
+    dropout: float = option(0.1, "Dropout of the off-ramps.", ge=0, lt=1)
+    max_grad_norm: float = option(1.0, "Gradient clipping when fine-tuning.", gt=0)
+    seed: int = option(0, "Seed of initialisation and training order (the run's seed overrides it).", cli=False)
+    checkpoint_every: int = option(100, "Fine-tuning steps between checkpoints.", ge=1)
 
     def n_epochs(self, finetune: bool) -> int:
         return self.epochs if self.epochs is not None else (2 if finetune else 5)
@@ -80,7 +79,7 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def fit_heads(
-    heads: OffRamps,
+    heads: OffRampHeads,
     features: np.ndarray | torch.Tensor,
     labels: np.ndarray,
     cfg: TrainConfig,
@@ -135,9 +134,9 @@ def trainable_copy(model: nn.Module) -> nn.Module:
     return enc
 
 
-def finetune(
+def train_encoder_with_offramps(
     model: nn.Module,
-    heads: OffRamps,
+    heads: OffRampHeads,
     tok: Tokenized,
     labels: np.ndarray,
     pad_id: int,
@@ -149,12 +148,15 @@ def finetune(
     progress: bool = True,
     desc: str = "fine-tune",
     key_extra: dict[str, Any] | None = None,
+    fresh: bool = False,
 ) -> list[float]:
     """Train the encoder and off-ramps ``ramps`` (default all) on the sum of those off-ramps' losses.
 
-    With ``checkpoint``, the state is saved there every ``cfg.checkpoint_every`` steps and at the
-    end, and a run with the same settings (and ``key_extra``, e.g. the starting weights' fingerprint)
-    resumes from it; a finished one only loads its final state.
+    With ``checkpoint`` (a folder, :mod:`probekit.offramp.checkpoint`), the state is saved there every
+    ``cfg.checkpoint_every`` steps and at the end. By the resume rule (:mod:`probekit.fingerprint`), a run
+    with the same settings and inputs (the data, and ``key_extra``, e.g. the starting weights' fingerprint)
+    resumes from it (a finished one only loads its final state); other settings are refused with a
+    :class:`~probekit.errors.ResumeError`, unless ``fresh`` (then it starts over).
     """
     ramps = list(range(heads.n_layers)) if ramps is None else list(ramps)
     device = torch.device(device)
@@ -178,19 +180,23 @@ def finetune(
     ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in tok.input_ids]) if n else np.zeros(0, np.int64)
     data_hash = hashlib.sha256(ids.tobytes() + tok.lengths.tobytes() + np.ascontiguousarray(labels).tobytes())
     data_hash = data_hash.hexdigest()
-    key = sha256_json(
-        {"cfg": asdict(cfg), "ramps": ramps, "n": n, "data": data_hash, "desc": desc, "start": dict(key_extra or {})}
-    )
+    settings = {
+        "train": {**cfg.to_dict(), "epochs": epochs, "checkpoint_every": None},
+        "ramps": ramps,
+        "n": n,
+        "desc": desc,
+    }
+    inputs = {"data": data_hash, "start": dict(key_extra or {})}
     torch.manual_seed(cfg.seed)
     step, history = 0, []
-    state = _load_checkpoint(checkpoint, key)
+    state = _resume(checkpoint, settings, inputs, fresh)
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, history = state["step"], state["history"]
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        step, history = int(state["step"]), list(state["history"])
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, leave=False, unit="step")
     running = 0.0
     while step < total_steps:
@@ -214,49 +220,65 @@ def finetune(
             history.append(running / (within + 1))
             running = 0.0
         if checkpoint is not None and (step % cfg.checkpoint_every == 0 or step == total_steps):
-            _save_checkpoint(checkpoint, key, step, history, model, heads, opt, sched)
+            _save_checkpoint(checkpoint, step, history, model, heads, opt, sched)
     bar.close()
     model.eval()
     heads.eval()
     return history
 
 
-def _load_checkpoint(path: Path | None, key: str) -> dict[str, Any] | None:
-    if path is None or not path.is_file():
+def _resume(
+    folder: Path | None, settings: dict[str, Any], inputs: dict[str, Any], fresh: bool
+) -> dict[str, Any] | None:
+    """The saved state to resume from (None: start), by the resume rule on the checkpoint folder's stamp."""
+    if folder is None:
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a damaged checkpoint: start over
-        return None
-    return state if state.get("key") == key else None
+    decision = resume_rule(folder, settings, inputs, fresh=fresh, what="an off-ramp checkpoint")
+    if decision == "new" and ckpt.exists(folder):  # a saved state whose stamp is gone or unreadable
+        raise ProbekitError(
+            f"the checkpoint {folder} has no readable {STAMP}; remove it or rerun with {{fresh}} to start over",
+            params=("fresh",),
+        )
+    if decision == "reuse":
+        return ckpt.load(folder) if ckpt.exists(folder) else None  # stamped, interrupted before the first save
+    if decision == "fresh":
+        remove_tree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_stamp(folder, settings, inputs)
+    return None
 
 
 def _save_checkpoint(
-    path: Path,
-    key: str,
+    folder: Path,
     step: int,
     history: list[float],
     model: nn.Module,
-    heads: OffRamps,
+    heads: OffRampHeads,
     opt: torch.optim.Optimizer,
     sched: Any,
 ) -> None:
-    state = {
-        "key": key,
-        "step": step,
-        "history": history,
-        "model": model.state_dict(),
-        "heads": heads.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    ckpt.save(
+        folder,
+        {
+            "step": step,
+            "history": history,
+            "model": model.state_dict(),
+            "heads": heads.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": torch.get_rng_state().tolist(),
+        },
+    )
+
+
+def read_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """The state saved in an off-ramp checkpoint folder: ``step``, ``history``, ``model``, ``heads``,
+    ``optimizer``, ``scheduler``, ``rng`` (tensors as tensors, the rest as JSON values)."""
+    return ckpt.load(folder)
 
 
 def deebert_stage2(
-    encoder: Backbone, heads: OffRamps, split: Split, cfg: TrainConfig, max_length: int = 128, progress: bool = True
+    encoder: Backbone, heads: OffRampHeads, split: Split, cfg: TrainConfig, max_length: int = 128, progress: bool = True
 ) -> list[float]:
     """DeeBERT stage 2: with the stage-1 encoder frozen (a ``Backbone``) and its last off-ramp frozen,
     train off-ramps 1..L-1 on the encoder's first-token states of ``split``. The encoder and the last
