@@ -138,7 +138,7 @@ def test_adding_a_section_is_one_function(tmp_path: Path) -> None:
         assert "<h2>My analysis</h2>" in (out / "index.html").read_text()
         assert (out / "custom.csv").is_file()
     finally:
-        SECTIONS[:] = [(n, f) for n, f in SECTIONS if n != "custom"]
+        SECTIONS.unregister("custom")
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:

@@ -4,8 +4,6 @@ policy brings its own."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,8 +11,7 @@ import typer
 
 from probekit.cli import app
 from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
-from probekit.cli.options import derive, flags_of
-from probekit.errors import ProbekitError
+from probekit.cli.options import derive
 from probekit.offramp.methods import TRAINING_METHODS
 from probekit.offramp.plots import save_figures
 from probekit.offramp.policies import EXIT_POLICIES
@@ -28,7 +25,6 @@ def _choices(registry: Any) -> str:
 @app.command()
 @derive(option_sources, exclude=("policies", "unseen_labels"), labelled=False)
 def offramp(
-    ctx: typer.Context,
     model: Model,
     task: Annotated[str, typer.Option("--task", "-t", help="Task name or alias (e.g. sst2, cola, mrpc, stsb).")],
     out: Annotated[
@@ -58,22 +54,9 @@ def offramp(
     options: dict[str, Any],
 ) -> None:
     """Off-ramps at every layer, exit policies (DeeBERT, PABEE, BERxiT, PonderNet/PALBERT) and early-exit savings."""
-    with _flags_in_errors(ctx):
-        run = _run(
-            model,
-            task,
-            out,
-            mode,
-            policies,
-            data_dir,
-            device,
-            name,
-            cache_dir,
-            trust_remote_code,
-            fresh,
-            quiet,
-            options,
-        )
+    run = _run(
+        model, task, out, mode, policies, data_dir, device, name, cache_dir, trust_remote_code, fresh, quiet, options
+    )
     df = run.results
     paths = []
     method = str(df["mode"].iloc[0])
@@ -84,19 +67,6 @@ def offramp(
     print_table(per_layer, title="metric by exit layer")
     print_table(best, title="best threshold per policy")
     typer.echo(f"results: {out}" + "".join(f"\nfigure: {p}" for p in paths))
-
-
-@contextmanager
-def _flags_in_errors(ctx: typer.Context) -> Iterator[None]:
-    """Render the library's parameter names as this command's flags. (The CLI's error boundary means to do
-    it, but its ``isinstance(ctx.command, click.Group)`` is False under typer's vendored click, so it renders
-    plain names; this is harmless once that is fixed.)"""
-    try:
-        yield
-    except ProbekitError as e:
-        e.template = e.render({"fresh": "--fresh", **flags_of(ctx.command)})
-        e.params = ()
-        raise
 
 
 def _run(

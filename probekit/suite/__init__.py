@@ -55,12 +55,13 @@ from pathlib import Path
 from probekit.cpu import cpu_threads
 from probekit.results import empty_results, load_results
 from probekit.runs import Run
+from probekit.suite import analyses as _analyses
 from probekit.suite import steps as _steps
 from probekit.suite.base import STEPS, Step, SuiteRun, SuiteStep
 from probekit.suite.file import ModelConfig, Suite, SuiteConfig, load_suite
 
 __all__ = ["STEPS", "ModelConfig", "Step", "Suite", "SuiteConfig", "SuiteRun", "SuiteStep", "load_suite", "run_suite"]
-_BUILT_IN = (_steps,)  # the modules whose classes register the built-in steps
+_BUILT_IN = (_steps, _analyses)  # the modules whose classes register the built-in steps
 
 
 def run_suite(
