@@ -112,7 +112,9 @@ def test_derived_cli_options_pass_only_what_was_given_and_render_errors_as_flags
     assert runner.invoke(app, ["run", "--max-iter", "5", "--grid", "1,2", "--no-on"]).exit_code == 0
     assert got == {"max_iter": 5, "grid": "1,2", "on": False}
     err = ParamError("max_iter", "must be >= 1, got 0")
-    assert err.render({"max_iter": "--max-iter"}) == "--max-iter: must be >= 1, got 0" and str(err).startswith("max_iter")
+    assert err.render({"max_iter": "--max-iter"}) == "--max-iter: must be >= 1, got 0" and str(err).startswith(
+        "max_iter"
+    )
 
 
 def test_the_cli_error_boundary_renders_parameters_as_flags(tmp_path: Path) -> None:
@@ -160,7 +162,9 @@ def test_schema_columns_are_documented_and_tidy_applies_them() -> None:
     with pytest.raises(ValueError, match="layer must be 0..L or empty"):
         validate(tidy([{"model": "m", "task": "t", "layer": -1, "split": "d", "metric": "acc", "value": 1.0}]))
     with pytest.raises(ValueError, match="unknown source"):
-        validate(tidy([{"model": "m", "task": "t", "layer": 0, "split": "d", "metric": "a", "value": 1, "source": "x"}]))
+        validate(
+            tidy([{"model": "m", "task": "t", "layer": 0, "split": "d", "metric": "a", "value": 1, "source": "x"}])
+        )
 
 
 def test_tables_written_by_the_previous_version_are_migrated(tmp_path: Path) -> None:
