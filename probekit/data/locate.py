@@ -12,7 +12,7 @@ from pathlib import Path
 
 import platformdirs
 
-from probekit.data.registry import Task
+from probekit.data.task import Task
 from probekit.errors import ProbekitError
 
 ENV_VAR = "PROBEKIT_DATA_DIR"
