@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ HELDOUT = "heldout"
 
 UnseenLabels = Literal["error", "drop"]
 """What a reader does with dev/test rows whose label never occurs in train."""
-UNSEEN_LABELS: tuple[str, ...] = ("error", "drop")
+UNSEEN_LABELS: tuple[str, ...] = typing.get_args(UnseenLabels)
 
 
 @dataclass(frozen=True)
