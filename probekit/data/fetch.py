@@ -17,19 +17,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from probekit.data.locate import default_data_dir
-from probekit.data.task import Task, get_task, list_tasks
+from probekit.data.task import FETCHERS, Fetcher, Task, get_task, list_tasks
 from probekit.errors import ProbekitError
 from probekit.io import atomic_open, sha256_file
-from probekit.registry import Registry
 
 SUMS = "SHA256SUMS"
 USER_AGENT = "probekit (https://github.com/probekit/probekit)"
 TIMEOUT = 60
-
-Fetcher = Callable[..., list[Path]]
-"""A fetcher takes ``(dest, tasks, base_url, checksums, force, progress)`` and returns the paths it filled."""
-FETCHERS: Registry[Fetcher] = Registry("collection", "collection")
-"""Downloaders by collection name; the built-in ones are registered in :mod:`probekit.data.readers`."""
 
 
 def register_fetcher(collection: str) -> Callable[[Fetcher], Fetcher]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -127,6 +127,12 @@ class TaskData:
 def _key(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
+
+Fetcher = Callable[..., list[Path]]
+"""A fetcher takes ``(dest, tasks, base_url, checksums, force, progress)`` and returns the paths it filled."""
+FETCHERS: Registry[Fetcher] = Registry("collection", "collection")
+"""Downloaders of a collection's tasks, by collection name (used by :func:`probekit.data.fetch.fetch`; the
+built-in ones are registered in :mod:`probekit.data.readers`)."""
 
 TASKS: Registry[Task] = Registry("task", "task", normalize=_key)
 """Every known task by name and alias (case-insensitive, ``-`` and ``_`` alike); filled from the TOML
