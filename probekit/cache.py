@@ -419,7 +419,7 @@ class CacheWriter:
         }
         for split, kinds in self.layout.items():
             manifest["splits"][split]["files"] = {k: f"{split}.{k}.npy" for k in kinds}
+        (self.partial / STAMP).unlink(missing_ok=True)  # first: a partial without its stamp is never resumed
         (self.partial / PROGRESS).unlink(missing_ok=True)
-        (self.partial / STAMP).unlink(missing_ok=True)
         write_json(self.partial / MANIFEST, manifest)
         return replace_dir(self.partial, self.final)
