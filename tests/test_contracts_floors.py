@@ -20,9 +20,9 @@ from probekit.backbone import COMPUTE_DTYPES, load_backbone
 from probekit.cache import STORAGE_DTYPES
 from probekit.cli import app
 from probekit.config import fields_of
-from probekit.data import FETCHERS, READERS, load_task
+from probekit.data import FETCHERS, READERS, Split, Task, TaskData, load_task
 from probekit.data.corpus import CORPUS_FORMATS
-from probekit.encoding import POOLS, encode, tokenize
+from probekit.encoding import POOLS, Pooling, encode, tokenize
 from probekit.errors import ParamError, ProbekitWarning, ResumeError
 from probekit.extraction import ExtractConfig, extract, extract_task, plan_batches
 from probekit.plot import offramp as plot_offramp
@@ -314,3 +314,33 @@ def test_plot_names_of_today_are_kept() -> None:
     for name in names:
         assert callable(getattr(plot, name)), name
     assert plot.save_figures is plot_offramp.save_figures
+
+
+# ------------------------------------------------------------------ components from outside the package
+
+
+def test_a_pooling_and_a_reader_registered_from_outside_are_used(tiny_model: Path, tmp_path: Path) -> None:
+    def max_pool(hs, mask, special, include_special):  # type: ignore[no-untyped-def]
+        return torch.stack([h.float().masked_fill(~mask.bool()[..., None], -torch.inf).amax(1) for h in hs], dim=1)
+
+    def read_lines(task: Task, path: Path, unseen_labels: str = "error") -> TaskData:
+        texts = path.read_text().split("\n")
+        split = Split(texts=texts, labels=np.arange(len(texts)) % 2)
+        return TaskData(task, path, "x", {"train": split, "dev": split, "test": split}, ["a", "b"])
+
+    POOLS.register("max", Pooling(max_pool), help="Max over the real tokens.")
+    READERS.register("lines", read_lines, aliases=("one-per-line",), help="One text per line.")
+    try:
+        assert ExtractConfig(pool="MAX").pool == "max"
+        (tmp_path / "t.txt").write_text("a b\nthe cat sat\nx")
+        task = Task(name="t", format="one-per-line", relpath="t.txt", path=tmp_path / "t.txt")
+        [cache] = extract(tiny_model, [task], tmp_path / "c", pool="max", storage_dtype="float32", progress=False)
+        backbone = load_backbone(tiny_model)
+        for i, text in enumerate(["a b", "the cat sat", "x"]):
+            enc = backbone.tokenizer(text, return_tensors="pt")
+            with torch.no_grad():
+                hs = torch.stack(backbone.model(**enc, output_hidden_states=True).hidden_states)[:, 0]
+            np.testing.assert_allclose(cache["train"][i], hs.amax(1).numpy(), atol=2e-5, rtol=1e-4)
+    finally:
+        POOLS.unregister("max")
+        READERS.unregister("lines")
