@@ -32,9 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from probekit.backbone import Backbone, load_backbone  # noqa: E402
-from probekit.data import list_tasks, load_task  # noqa: E402
-from probekit.data.registry import Task  # noqa: E402
-from probekit.data.types import Split, TaskData  # noqa: E402
+from probekit.data import Split, Task, TaskData, list_tasks, load_task  # noqa: E402  # noqa: E402
 from probekit.extraction import collate, default_max_tokens, encode, extract_task, plan_batches, tokenize  # noqa: E402
 
 

@@ -10,19 +10,24 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 import logging
 import os
 import socket
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from probekit.errors import ProbekitError
+from probekit.errors import ParamError, ProbekitError
 
 HUB_HOST = "huggingface.co"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ComputeDType = Literal["auto", "float32", "float16", "bfloat16"]
+"""The compute dtypes a backbone runs in (``auto``: float32 on CPU, bfloat16/float16 on GPUs)."""
+COMPUTE_DTYPES: tuple[str, ...] = typing.get_args(ComputeDType)
 GENERIC_DIR_NAMES = {"model", "models", "snapshot", "checkpoint", "best", "final"}
 
 
@@ -34,7 +39,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProbekitError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise ParamError("device", "cuda was asked for but no CUDA GPU is available; use {device} cpu")
     return dev
 
 
@@ -47,7 +52,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise ProbekitError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        raise ParamError("dtype", f"unknown dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -76,8 +81,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     if backend is not None:
         text = backend.to_str()
     else:  # a slow tokenizer: its vocabulary and class are what matter
-        import json
-
         text = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -162,7 +165,7 @@ def load_backbone(
     name: str | None = None,
 ) -> Backbone:
     """Load an encoder that ``AutoModel`` knows, frozen, from a local folder or the hub."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # deferred: transformers takes seconds to import
 
     source = str(model)
     dev = resolve_device(device)
@@ -188,7 +191,9 @@ def model_source(model: str | Path) -> str:
     if not local.exists():
         return str(model)
     if not local.is_dir():
-        raise ProbekitError(f"--model {model}: expected a checkpoint folder (config.json, weights), got a file")
+        raise ProbekitError(
+            "{model} " + f"{model}: expected a checkpoint folder (config.json, weights), got a file", params=("model",)
+        )
     return str(local.resolve())
 
 
@@ -202,7 +207,7 @@ def from_pretrained(auto_cls: Any, source: str, **kwargs: Any) -> Any:
         with quiet_hub():
             return auto_cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise ProbekitError(_load_error(source, local, e)) from None
+        raise _load_error(source, local, e) from None
 
 
 def _hub_offline() -> bool:
@@ -220,16 +225,20 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _load_error(source: str, is_local: bool, err: Exception) -> str:
+def _load_error(source: str, is_local: bool, err: Exception) -> ProbekitError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "trust_remote_code" in str(err):
-        return f"model {source!r} needs its own code to load; pass --trust-remote-code only if you trust it"
+        return ProbekitError(
+            f"model {source!r} needs its own code to load; " + "pass {trust_remote_code} only if you trust it",
+            params=("trust_remote_code",),
+        )
     if is_local:
-        return f"could not load a model from {source}: {first}"
-    return (
+        return ProbekitError(f"could not load a model from {source}: {first}")
+    return ProbekitError(
         f"model {source!r} is not a local folder, not in the Hugging Face cache, and could not be fetched "
         f"from the hub ({first}). Where there is internet, download it "
-        f"(`hf download {source} --local-dir DIR`) and pass --model DIR."
+        f"(`hf download {source} --local-dir DIR`) and pass " + "{model} DIR.",
+        params=("model",),
     )
 
 
@@ -237,7 +246,7 @@ class quiet_hub:
     """Silence the hub's retry chatter and the weight-loading bar; errors still raise."""
 
     def __enter__(self) -> None:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # deferred: transformers takes seconds to import
 
         self.loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
         self.levels = [lg.level for lg in self.loggers]
@@ -247,7 +256,7 @@ class quiet_hub:
         hf_logging.disable_progress_bar()
 
     def __exit__(self, *exc: object) -> None:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # deferred: transformers takes seconds to import
 
         for lg, level in zip(self.loggers, self.levels, strict=True):
             lg.setLevel(level)

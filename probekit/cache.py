@@ -11,23 +11,30 @@ A cache directory holds one task's features from one model::
     dev.* test.*
 
 The directory is written as ``<name>.partial`` and renamed into place when complete;
-only a directory with a manifest is ever read as a cache.
+only a directory with a manifest is ever read as a cache. Reuse and resume follow
+:mod:`probekit.fingerprint`: the cache key is the fingerprint of the settings that determine
+the contents and of the inputs (weights, tokenizer, data); a ``.partial`` holds a stamp of the
+same settings plus the batch plan, and is resumed only under the same fingerprint (another one
+is refused with one line naming what differs, or removed with ``fresh``).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import typing
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from probekit.errors import CacheError, ProbekitError
-from probekit.io import read_json, remove_tree, replace_dir, sha256_file, sha256_json, write_json
+from probekit.errors import CacheError, ProbekitError, ProbekitWarning
+from probekit.fingerprint import STAMP, check, fingerprint, read_stamp, write_stamp
+from probekit.io import read_json, remove_tree, replace_dir, sha256_file, write_json
 
 FORMAT = "probekit-cache"
 VERSION = 1
@@ -35,11 +42,15 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 PARTIAL = ".partial"
 SPLIT_ORDER = ("train", "dev", "test")
+StorageDType = Literal["float16", "float32"]
+"""The dtypes a cache stores its features in."""
+STORAGE_DTYPES: tuple[str, ...] = typing.get_args(StorageDType)
 
 
-def cache_key(settings: Mapping[str, Any]) -> str:
-    """Hex key of everything that determines a cache's contents."""
-    return sha256_json({"format": FORMAT, "version": VERSION, **settings})
+def cache_key(settings: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> str:
+    """Hex key of everything that determines a cache's contents: the :func:`~probekit.fingerprint.fingerprint`
+    of its settings (with the cache format and version) and of its inputs."""
+    return fingerprint({"format": FORMAT, "version": VERSION, **settings}, inputs)
 
 
 def cache_dir_name(task: str, pool: str, max_length: int, key: str) -> str:
@@ -275,14 +286,31 @@ class CacheWriter:
     are flushed and ``progress.json`` records how many batches of each split are done,
     so a killed extraction resumes where it stopped and ends with identical arrays.
     A lock file keeps two processes from writing the same cache.
+
+    ``settings`` and ``inputs`` are what the cache key is made of (:func:`cache_key`); ``plan``
+    describes the batch plan (batch size, token budget): a partial is resumed only when its stamp
+    has the same fingerprint of both, is refused otherwise (:func:`probekit.fingerprint.check`),
+    and is removed and started over only with ``fresh``.
     """
 
-    def __init__(self, final: Path, key: str, layout: Mapping[str, Mapping[str, ArraySpec]], tag: str = "") -> None:
+    def __init__(
+        self,
+        final: Path,
+        settings: Mapping[str, Any],
+        inputs: Mapping[str, Any],
+        layout: Mapping[str, Mapping[str, ArraySpec]],
+        plan: Mapping[str, Any] | None = None,
+        tag: str = "",
+        fresh: bool = False,
+    ) -> None:
         self.final = Path(final)
         self.partial = self.final.with_name(self.final.name + PARTIAL)
-        self.key = key
+        self.key = cache_key(settings, inputs)
+        self.resume_settings = {"format": FORMAT, "version": VERSION, **settings, **(plan or {})}
+        self.inputs = dict(inputs)
         self.tag = tag
-        """Identifies the batch plan: progress is only resumed under the same plan."""
+        """The batch plan as text (recorded in manifests; a shard of another plan holds other rows)."""
+        self.fresh = fresh
         self.layout = layout
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
         self.done: dict[str, int] = {}
@@ -298,7 +326,11 @@ class CacheWriter:
             os.close(fd)
             raise ProbekitError(f"another probekit process is writing {self.final}; wait for it to finish") from None
         self._lock_fd = fd
-        self._open_partial()
+        try:
+            self._open_partial()
+        except BaseException:
+            self.__exit__()  # a refused resume releases the lock
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -314,22 +346,38 @@ class CacheWriter:
         return any(self.done.values())
 
     def _open_partial(self) -> None:
-        progress = self.partial / PROGRESS
-        if progress.is_file():
+        stamp = read_stamp(self.partial) if self.partial.is_dir() else None
+        if stamp is None and self.partial.exists():
+            warnings.warn(
+                f"{self.partial}: an interrupted extraction with no fingerprint (stopped before its first "
+                "checkpoint, or written by an older probekit) is started over",
+                ProbekitWarning,
+                stacklevel=4,
+            )
+        decision = check(
+            stamp,
+            self.resume_settings,
+            self.inputs,
+            where=self.partial,
+            fresh=self.fresh,
+            what="an interrupted extraction",
+        )
+        if decision == "reuse":
             try:
-                state = read_json(progress)
-            except ValueError:
-                state = {}
-            if (state.get("key"), state.get("tag"), state.get("version")) == (self.key, self.tag, VERSION):
-                try:
-                    self.arrays = {
-                        split: {kind: np.load(self.partial / f"{split}.{kind}.npy", mmap_mode="r+") for kind in kinds}
-                        for split, kinds in self.layout.items()
-                    }
-                    self.done = {s: int(state["done"].get(s, 0)) for s in self.layout}
-                    return
-                except (OSError, ValueError, KeyError):
-                    pass  # unreadable leftovers: start over below
+                state = read_json(self.partial / PROGRESS)
+                self.arrays = {
+                    split: {kind: np.load(self.partial / f"{split}.{kind}.npy", mmap_mode="r+") for kind in kinds}
+                    for split, kinds in self.layout.items()
+                }
+                self.done = {s: int(state["done"].get(s, 0)) for s in self.layout}
+                return
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self.arrays = {}
+                raise CacheError(
+                    f"{self.partial}: the interrupted extraction's files cannot be read ({type(e).__name__}); "
+                    "remove it or rerun with {fresh} to start over",
+                    params=("fresh",),
+                ) from None
         remove_tree(self.partial)
         self.partial.mkdir(parents=True)
         self.arrays = {
@@ -343,6 +391,7 @@ class CacheWriter:
         }
         self.done = {s: 0 for s in self.layout}
         self._write_progress()
+        write_stamp(self.partial, self.resume_settings, self.inputs)  # last: a stamped partial is resumable
 
     def checkpoint(self, split: str, batches_done: int) -> None:
         """Flush the arrays, then record that the first ``batches_done`` batches of ``split`` are written."""
@@ -370,6 +419,7 @@ class CacheWriter:
         }
         for split, kinds in self.layout.items():
             manifest["splits"][split]["files"] = {k: f"{split}.{k}.npy" for k in kinds}
+        (self.partial / STAMP).unlink(missing_ok=True)  # first: a partial without its stamp is never resumed
         (self.partial / PROGRESS).unlink(missing_ok=True)
         write_json(self.partial / MANIFEST, manifest)
         return replace_dir(self.partial, self.final)

@@ -10,7 +10,7 @@ extraction computes exactly the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,30 +19,64 @@ import torch
 from tqdm.auto import tqdm
 
 from probekit.backbone import Backbone
-from probekit.errors import ProbekitError
+from probekit.data.tokens import Tokenized
+from probekit.errors import ParamError, ProbekitError
+from probekit.registry import Registry
 
-POOLS = ("mean", "cls", "tokens")
 CPU_MAX_TOKENS = 8192
 GPU_MAX_TOKENS = 65536
 MAX_BATCH = 512
 
+PoolFn = Callable[[Sequence[torch.Tensor], torch.Tensor, torch.Tensor, bool], torch.Tensor]
+"""``(hidden_states, attention_mask, special_tokens_mask, include_special) -> pooled`` (float32)."""
 
-@dataclass
-class Tokenized:
-    """Unpadded token ids of a list of texts (one array per text)."""
 
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
-    special: list[list[int]]
-    lengths: np.ndarray
+@dataclass(frozen=True)
+class Pooling:
+    """A pooling method: how every layer's token states become features.
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.lengths.sum())
+    ``token_level``: one row per real token ([T, L+1, D]) instead of one per text ([B, L+1, D]);
+    ``uses_special``: whether ``include_special`` changes the result (recorded in the cache key only then).
+    """
 
-    def truncated(self, max_length: int) -> int:
-        """How many texts reached ``max_length`` (and were most likely cut)."""
-        return int((self.lengths >= max_length).sum())
+    fn: PoolFn
+    token_level: bool = False
+    uses_special: bool = False
+
+    def __call__(
+        self,
+        hs: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor,
+        special_mask: torch.Tensor,
+        include_special: bool,
+    ) -> torch.Tensor:
+        return self.fn(hs, attention_mask, special_mask, include_special)
+
+
+def _mean(hs: Sequence[torch.Tensor], mask: torch.Tensor, special: torch.Tensor, include_special: bool) -> torch.Tensor:
+    real = mask.bool()
+    keep = real if include_special else real & ~special
+    weight = keep.unsqueeze(-1).float()
+    denom = weight.sum(1).clamp(min=1.0)
+    return torch.stack([(h.float() * weight).sum(1) / denom for h in hs], dim=1)
+
+
+def _cls(hs: Sequence[torch.Tensor], mask: torch.Tensor, special: torch.Tensor, include_special: bool) -> torch.Tensor:
+    return torch.stack([h[:, 0].float() for h in hs], dim=1)
+
+
+def _tokens(
+    hs: Sequence[torch.Tensor], mask: torch.Tensor, special: torch.Tensor, include_special: bool
+) -> torch.Tensor:
+    real = mask.bool()
+    return torch.stack([h[real].float() for h in hs], dim=1)
+
+
+POOLS: Registry[Pooling] = Registry("pooling", "pool")
+"""Pooling methods by name: what ``extract(pool=...)`` and ``probekit extract --pool`` accept."""
+POOLS.register("mean", Pooling(_mean, uses_special=True), help="Mask-aware mean over the tokens of each text.")
+POOLS.register("cls", Pooling(_cls), help="The first token's state ([CLS]).")
+POOLS.register("tokens", Pooling(_tokens, token_level=True), help="Every real token's state (token-level cache).")
 
 
 @dataclass
@@ -63,7 +97,7 @@ def tokenize(
 ) -> Tokenized:
     """Tokenise without padding, truncating to ``max_length`` tokens (specials included)."""
     if max_length < 2:
-        raise ProbekitError(f"--max-length must be at least 2, got {max_length}")
+        raise ParamError("max_length", f"must be at least 2, got {max_length}")
     enc = tokenizer(
         list(texts),
         list(text_pairs) if text_pairs is not None else None,
@@ -152,18 +186,9 @@ def pool_layers(
     pool: str,
     include_special: bool = True,
 ) -> torch.Tensor:
-    """Pool each layer in float32: [B, L+1, D] for mean/cls, [T, L+1, D] real tokens for tokens."""
-    if pool == "cls":
-        return torch.stack([h[:, 0].float() for h in hs], dim=1)
-    real = attention_mask.bool()
-    if pool == "tokens":
-        return torch.stack([h[real].float() for h in hs], dim=1)
-    if pool != "mean":
-        raise ProbekitError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
-    keep = real if include_special else real & ~special_mask
-    weight = keep.unsqueeze(-1).float()
-    denom = weight.sum(1).clamp(min=1.0)
-    return torch.stack([(h.float() * weight).sum(1) / denom for h in hs], dim=1)
+    """Pool each layer in float32 with the registered method ``pool`` (see :data:`POOLS`): [B, L+1, D]
+    per text, or [T, L+1, D] real tokens for a token-level method."""
+    return POOLS.get(pool)(hs, attention_mask, special_mask, include_special)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -223,9 +248,9 @@ def parse_batch_size(batch_size: int | str | None) -> int | None:
     try:
         value = int(batch_size)
     except (TypeError, ValueError):
-        raise ProbekitError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}") from None
+        raise ParamError("batch_size", f"must be a positive integer or 'auto', got {batch_size!r}") from None
     if value < 1:
-        raise ProbekitError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
+        raise ParamError("batch_size", f"must be a positive integer or 'auto', got {batch_size!r}")
     return value
 
 
@@ -247,7 +272,7 @@ def encode(
     tok = tokenize(backbone.tokenizer, texts, text_pairs, max_length)
     batches = plan_batches(tok.lengths, parse_batch_size(batch_size), default_max_tokens(backbone.device))
     run = Runner(backbone, tok, pool, include_special, torch.float32, Timings())
-    place = Placement(np.arange(len(texts)), tok.lengths if pool == "tokens" else None)
+    place = Placement(np.arange(len(texts)), tok.lengths if POOLS.get(pool).token_level else None)
     out = np.empty((place.n_rows, backbone.n_layers, backbone.hidden_size), np.float32)
     for idx in tqdm(batches, disable=not progress, unit="batch"):
         place.put(out, run(idx).numpy(), idx)

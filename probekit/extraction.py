@@ -16,7 +16,7 @@ import platform
 import signal
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from probekit._version import __version__
-from probekit.backbone import Backbone, dtype_name, load_backbone
+from probekit.backbone import COMPUTE_DTYPES, Backbone, dtype_name, load_backbone
 from probekit.cache import (
     MANIFEST,
+    STORAGE_DTYPES,
     ArraySpec,
     CacheWriter,
     LayerCache,
@@ -36,7 +37,9 @@ from probekit.cache import (
     cache_key,
     read_manifest,
 )
+from probekit.config import Config, option
 from probekit.data import Task, TaskData, load_task
+from probekit.data.task import UNSEEN_LABELS
 from probekit.distributed import (
     DistInfo,
     assign_batches,
@@ -62,15 +65,16 @@ from probekit.encoding import (  # re-exported: the extraction building blocks
     pool_layers,
     tokenize,
 )
-from probekit.errors import CacheError, ProbekitError
+from probekit.errors import CacheError, ProbekitError, ProbekitWarning
 from probekit.io import read_json, remove_tree
 
-STORAGE_DTYPES = ("float16", "float32")
 CHECKPOINT_SECONDS = float(os.environ.get("PROBEKIT_CHECKPOINT_SECONDS", 5.0))
 SHARDS = ".shards"
 
 __all__ = [
     "POOLS",
+    "STORAGE_DTYPES",
+    "ExtractConfig",
     "Placement",
     "Tokenized",
     "collate",
@@ -84,8 +88,47 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class ExtractConfig(Config):
+    """The options of an extraction (``extract``, ``probekit extract``, a suite's extract step)."""
+
+    component = "the extraction"
+
+    pool: str = option(
+        "mean", "How each layer is pooled: mean is mask-aware, tokens keeps every token.", choices=POOLS.names
+    )
+    max_length: int = option(128, "Truncate texts to this many tokens.", ge=2)
+    batch_size: str = option("auto", "Texts per batch, or auto (token budget, halves on OOM).")
+    dtype: str = option("auto", "Compute dtype: auto = float32 on CPU, bf16/fp16 on GPU.", choices=COMPUTE_DTYPES)
+    storage_dtype: str = option("float16", "dtype of the cached arrays.", choices=STORAGE_DTYPES)
+    include_special: bool = option(True, "Mean pooling over [CLS]/[SEP] too.", flag="--include-special")
+    unseen_labels: str = option(
+        "error", "dev/test rows with a label never seen in train: error, or drop them.", choices=UNSEEN_LABELS
+    )
+
+    def validate(self) -> None:
+        bs = self.batch_size
+        if bs is None or (isinstance(bs, int) and not isinstance(bs, bool)):  # 8 and "8" alike; None is auto
+            object.__setattr__(self, "batch_size", "auto" if bs is None else str(bs))
+        if isinstance(self.pool, str):
+            object.__setattr__(self, "pool", POOLS.canonical(self.pool))  # "unknown pooling ..., did you mean"
+        super().validate()
+
+    def check(self) -> None:
+        parse_batch_size(self.batch_size)
+
+    @property
+    def batch(self) -> int | None:
+        """The batch size as a number (None: auto)."""
+        return parse_batch_size(self.batch_size)
+
+    @property
+    def pooling(self) -> Any:
+        return POOLS.get(self.pool)
+
+
 @dataclass
-class _Job:
+class _ExtractionJob:
     """One task's extraction, prepared: texts tokenised and the batch plan fixed."""
 
     backbone: Backbone
@@ -96,12 +139,17 @@ class _Job:
     pool: str
     include_special: bool
     storage: str
+    plan: dict[str, Any]
     tag: str
     timings: Timings
 
+    @property
+    def token_level(self) -> bool:
+        return POOLS.get(self.pool).token_level
+
     def placement(self, split: str, order: np.ndarray | None = None) -> Placement:
         n = len(self.splits[split])
-        lengths = self.toks[split].lengths if self.pool == "tokens" else None
+        lengths = self.toks[split].lengths if self.token_level else None
         return Placement(np.arange(n) if order is None else order, lengths, n_total=n)
 
     def runner(self, split: str) -> Runner:
@@ -111,26 +159,26 @@ class _Job:
 
 
 def cache_settings(
-    backbone: Backbone,
-    data: TaskData,
-    pool: str,
-    max_length: int,
-    storage_dtype: str,
-    include_special: bool,
-    reader_options: dict[str, Any],
+    backbone: Backbone, data: TaskData, config: ExtractConfig, reader_options: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Everything that determines a cache's contents: its key is a hash of this."""
+    """The settings that determine a cache's contents (its key is their fingerprint with :func:`cache_inputs`)."""
+    return {
+        "compute_dtype": dtype_name(backbone.dtype),
+        "task": data.name,
+        "reader_options": dict(reader_options),
+        "pool": config.pool,
+        "include_special": config.include_special if config.pooling.uses_special else None,
+        "max_length": config.max_length,
+        "storage_dtype": config.storage_dtype,
+    }
+
+
+def cache_inputs(backbone: Backbone, data: TaskData) -> dict[str, str]:
+    """The fingerprints of what a cache is computed from: the weights, the tokenizer and the data bytes."""
     return {
         "model_fingerprint": backbone.fingerprint,
         "tokenizer_fingerprint": backbone.tokenizer_hash,
-        "compute_dtype": dtype_name(backbone.dtype),
-        "task": data.name,
         "data_sha256": data.sha256,
-        "reader_options": reader_options,
-        "pool": pool,
-        "include_special": include_special if pool == "mean" else None,
-        "max_length": max_length,
-        "storage_dtype": storage_dtype,
     }
 
 
@@ -147,35 +195,44 @@ def extract_task(
     progress: bool = True,
     on_batch: Callable[[str, int], None] | None = None,
     dist: DistInfo | None = None,
+    fresh: bool = False,
 ) -> LayerCache:
     """Extract one task into ``out/<model>/<task>-<pool>-<max_length>-<key>/``, reusing or
     resuming an earlier run with the same inputs.
 
-    ``on_batch(split, batch_no)`` is called after each batch is written (tests use it to
-    simulate a crash). ``dist`` (default: from the launcher's environment) shards the work.
+    An interrupted extraction of the same cache is resumed when it was made with the same batch
+    plan and refused otherwise (a :class:`~probekit.errors.ResumeError` naming what differs);
+    ``fresh`` removes it and starts over. ``on_batch(split, batch_no)`` is called after each batch
+    is written (tests use it to simulate a crash). ``dist`` (default: from the launcher's
+    environment) shards the work.
     """
-    if pool not in POOLS:
-        raise ProbekitError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ProbekitError(f"unknown storage dtype {storage_dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+    config = ExtractConfig(
+        pool=pool,
+        max_length=max_length,
+        batch_size=batch_size,  # type: ignore[arg-type]  (validate() takes ints and None too)
+        storage_dtype=storage_dtype,  # type: ignore[arg-type]
+        include_special=include_special,
+    )
     dist = dist or dist_info()
-    settings = cache_settings(backbone, data, pool, max_length, storage_dtype, include_special, reader_options or {})
-    key = cache_key(settings)
-    final = Path(out) / backbone.name / cache_dir_name(data.name, pool, max_length, key)
+    settings = cache_settings(backbone, data, config, reader_options or {})
+    inputs = cache_inputs(backbone, data)
+    key = cache_key(settings, inputs)
+    final = Path(out) / backbone.name / cache_dir_name(data.name, config.pool, config.max_length, key)
     if _complete(final, key):
         return LayerCache.open(final)
 
     started = time.perf_counter()
-    job = _prepare(backbone, data, pool, max_length, batch_size, storage_dtype, include_special)
+    job = _prepare(backbone, data, config)
     on_batch = on_batch or _fault_from_env(dist)
     if not dist.distributed:
-        _write_cache(job, final, key, settings, max_length, progress, on_batch, started)
+        _write_cache(job, final, settings, inputs, progress, on_batch, started, fresh)
     else:
-        shard_root = final.with_name(final.name + SHARDS) / f"w{dist.world_size}"
-        _write_shard(job, shard_root, key, dist, progress, on_batch)
+        plan = "" if job.plan["batch_size"] is None else f"-bs{job.plan['batch_size']}"  # one folder per batch plan
+        shard_root = final.with_name(final.name + SHARDS) / f"w{dist.world_size}{plan}"
+        _write_shard(job, shard_root, settings, inputs, dist, progress, on_batch, fresh)
         barrier()
         if dist.is_main and not _complete(final, key):
-            _merge_shards(job, final, key, settings, max_length, shard_root, dist.world_size, started)
+            _merge_shards(job, final, settings, inputs, shard_root, dist.world_size, started, fresh)
         barrier()
     cache = LayerCache.open(final)
     if dist.is_main:
@@ -192,29 +249,34 @@ def _complete(final: Path, key: str) -> bool:
         return False  # unreadable or old: rebuilt
 
 
-def _prepare(
-    backbone: Backbone,
-    data: TaskData,
-    pool: str,
-    max_length: int,
-    batch_size: int | str | None,
-    storage_dtype: str,
-    include_special: bool,
-) -> _Job:
+def _prepare(backbone: Backbone, data: TaskData, config: ExtractConfig) -> _ExtractionJob:
     timings = Timings()
     t0 = time.perf_counter()
     splits = {name: split for name, split in data.splits.items() if len(split)}
-    toks = {name: tokenize(backbone.tokenizer, s.texts, s.text_pairs, max_length) for name, s in splits.items()}
+    toks = {name: tokenize(backbone.tokenizer, s.texts, s.text_pairs, config.max_length) for name, s in splits.items()}
     timings.tokenize = time.perf_counter() - t0
-    bs = parse_batch_size(batch_size)
+    bs = config.batch
     max_tokens = default_max_tokens(backbone.device)
     plans = {name: plan_batches(tok.lengths, bs, max_tokens) for name, tok in toks.items()}
+    plan = {"batch_size": bs, "max_tokens": max_tokens, "max_batch": MAX_BATCH}
     tag = f"bs={bs}|max_tokens={max_tokens}|max_batch={MAX_BATCH}"
-    return _Job(backbone, data, splits, toks, plans, pool, include_special, storage_dtype, tag, timings)
+    return _ExtractionJob(
+        backbone,
+        data,
+        splits,
+        toks,
+        plans,
+        config.pool,
+        config.include_special,
+        config.storage_dtype,
+        plan,
+        tag,
+        timings,
+    )
 
 
 def _run_batches(
-    job: _Job,
+    job: _ExtractionJob,
     writer: CacheWriter,
     work: dict[str, list[int]],
     places: dict[str, Placement],
@@ -249,7 +311,7 @@ def _run_batches(
     return computed
 
 
-def _full_layout(job: _Job) -> dict[str, dict[str, ArraySpec]]:
+def _full_layout(job: _ExtractionJob) -> dict[str, dict[str, ArraySpec]]:
     layers, dim = job.backbone.n_layers, job.backbone.hidden_size
     layout: dict[str, dict[str, ArraySpec]] = {}
     for name, split in job.splits.items():
@@ -258,48 +320,55 @@ def _full_layout(job: _Job) -> dict[str, dict[str, ArraySpec]]:
             "features": ArraySpec((job.placement(name).n_rows, layers, dim), job.storage),
             "labels": ArraySpec((len(split),), str(np.asarray(split.labels).dtype)),
         }
-        if job.pool == "tokens":
+        if job.token_level:
             spec["offsets"] = ArraySpec((len(split) + 1,), "int64")
             spec["token_ids"] = ArraySpec((tok.n_tokens,), "int32")
         layout[name] = spec
     return layout
 
 
-def _write_static(job: _Job, writer: CacheWriter) -> None:
+def _write_static(job: _ExtractionJob, writer: CacheWriter) -> None:
     """Labels (and, token-level, offsets and token ids): known before any forward pass."""
     for name, split in job.splits.items():
         arrays = writer.arrays[name]
         arrays["labels"][:] = split.labels
-        if job.pool == "tokens":
+        if job.token_level:
             tok = job.toks[name]
             arrays["offsets"][:] = np.concatenate([[0], np.cumsum(tok.lengths)])
             arrays["token_ids"][:] = np.concatenate([np.asarray(x, dtype=np.int32) for x in tok.input_ids])
 
 
 def _write_cache(
-    job: _Job,
+    job: _ExtractionJob,
     final: Path,
-    key: str,
     settings: dict[str, Any],
-    max_length: int,
+    inputs: dict[str, str],
     progress: bool,
     on_batch: Callable[[str, int], None] | None,
     started: float,
+    fresh: bool,
 ) -> None:
-    with CacheWriter(final, key, _full_layout(job), tag=job.tag) as writer:
+    with CacheWriter(final, settings, inputs, _full_layout(job), plan=job.plan, tag=job.tag, fresh=fresh) as writer:
         _write_static(job, writer)
         work = {s: list(range(len(job.plans[s]))) for s in job.splits}
         places = {s: job.placement(s) for s in job.splits}
         _run_batches(job, writer, work, places, progress, on_batch, f"{job.backbone.name} {job.data.name}")
-        _finalize(job, writer, settings, max_length, started)
+        _finalize(job, writer, settings, inputs, started)
 
 
 def _write_shard(
-    job: _Job, shard_root: Path, key: str, dist: DistInfo, progress: bool, on_batch: Callable[[str, int], None] | None
+    job: _ExtractionJob,
+    shard_root: Path,
+    settings: dict[str, Any],
+    inputs: dict[str, str],
+    dist: DistInfo,
+    progress: bool,
+    on_batch: Callable[[str, int], None] | None,
+    fresh: bool,
 ) -> None:
     """Compute this rank's share of the batch plan into ``shard_root/r<rank>``."""
     shard = shard_root / f"r{dist.rank}"
-    if _complete_shard(shard, key, job.tag):
+    if _complete_shard(shard, cache_key(settings, inputs), job.tag):
         return
     costs = [
         (s, b, float(len(idx) * job.toks[s].lengths[idx].max()))
@@ -320,7 +389,7 @@ def _write_shard(
         }
         for s in job.splits
     }
-    with CacheWriter(shard, key, layout, tag=job.tag) as writer:
+    with CacheWriter(shard, settings, inputs, layout, plan=job.plan, tag=job.tag, fresh=fresh) as writer:
         resumed_at = {s: writer.done[s] for s in job.splits}
         for s in job.splits:
             writer.arrays[s]["indices"][:] = orders[s]
@@ -361,16 +430,17 @@ def _complete_shard(shard: Path, key: str, tag: str) -> bool:
 
 
 def _merge_shards(
-    job: _Job,
+    job: _ExtractionJob,
     final: Path,
-    key: str,
     settings: dict[str, Any],
-    max_length: int,
+    inputs: dict[str, str],
     shard_root: Path,
     world_size: int,
     started: float,
+    fresh: bool,
 ) -> None:
     """Rank 0: copy every shard's rows to their places in the cache, then finalize it."""
+    key = cache_key(settings, inputs)
     shards = [shard_root / f"r{r}" for r in range(world_size)]
     for s in shards:
         if not _complete_shard(s, key, job.tag):
@@ -379,7 +449,7 @@ def _merge_shards(
         rows = np.sort(np.concatenate([np.load(s / f"{name}.indices.npy") for s in shards]))
         if not np.array_equal(rows, np.arange(len(job.data.splits[name]))):
             raise CacheError(f"the shards under {shard_root} do not cover the {name} split; remove them and re-run")
-    with CacheWriter(final, key, _full_layout(job), tag=job.tag) as writer:
+    with CacheWriter(final, settings, inputs, _full_layout(job), plan=job.plan, tag=job.tag, fresh=fresh) as writer:
         _write_static(job, writer)
         for name in job.splits:
             place = job.placement(name)
@@ -396,7 +466,7 @@ def _merge_shards(
             job,
             writer,
             settings,
-            max_length,
+            inputs,
             started,
             shards=[
                 {k: info[k] for k in ("rank", "world_size", "splits", "computed_batches", "seconds")}
@@ -407,16 +477,16 @@ def _merge_shards(
 
 
 def _finalize(
-    job: _Job,
+    job: _ExtractionJob,
     writer: CacheWriter,
     settings: dict[str, Any],
-    max_length: int,
+    inputs: dict[str, str],
     started: float,
     shards: list[dict[str, Any]] | None = None,
 ) -> None:
     t0 = time.perf_counter()
     nonfinite = {s: _count_nonfinite(writer.arrays[s]["features"]).tolist() for s in job.splits}
-    manifest = _manifest(job, settings, max_length, nonfinite)
+    manifest = _manifest(job, settings, inputs, nonfinite)
     if shards is not None:
         manifest["shards"] = shards
     job.timings.write += time.perf_counter() - t0
@@ -440,14 +510,19 @@ def _warn_nonfinite(cache: LayerCache) -> None:
         if layers:
             warnings.warn(
                 f"{cache.task}/{name}: non-finite features (inf/NaN) at layers {layers} "
-                f"({max(counts)} rows at worst); use --dtype float32 or --storage-dtype float32",
+                f"({max(counts)} rows at worst); use dtype float32 or storage_dtype float32 "
+                "(--dtype / --storage-dtype)",
+                ProbekitWarning,
                 stacklevel=3,
             )
 
 
-def _manifest(job: _Job, settings: dict[str, Any], max_length: int, nonfinite: dict[str, list[int]]) -> dict[str, Any]:
-    import transformers
+def _manifest(
+    job: _ExtractionJob, settings: dict[str, Any], inputs: dict[str, str], nonfinite: dict[str, list[int]]
+) -> dict[str, Any]:
+    import transformers  # deferred: importing probekit.extraction must not pull in transformers
 
+    max_length = settings["max_length"]
     data, backbone = job.data, job.backbone
     return {
         "task": data.name,
@@ -470,7 +545,7 @@ def _manifest(job: _Job, settings: dict[str, Any], max_length: int, nonfinite: d
         "splits": {
             name: {
                 "n": len(split),
-                "n_tokens": job.toks[name].n_tokens if settings["pool"] == "tokens" else len(split),
+                "n_tokens": job.toks[name].n_tokens if job.token_level else len(split),
                 "truncated": job.toks[name].truncated(max_length),
                 "nonfinite_rows_per_layer": nonfinite.get(name, []),
             }
@@ -484,7 +559,8 @@ def _manifest(job: _Job, settings: dict[str, Any], max_length: int, nonfinite: d
             "python": platform.python_version(),
         },
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "settings": settings,
+        "settings": {**settings, **inputs},
+        "fingerprint": {"settings": settings, "inputs": inputs},
     }
 
 
@@ -508,7 +584,7 @@ def _fault_from_env(dist: DistInfo) -> Callable[[str, int], None] | None:
 
 def extract(
     model: str | Path | Backbone,
-    tasks: Sequence[str | Path | Task],
+    tasks: Sequence[str | Path | Task | TaskData],
     out: str | Path,
     pool: str = "mean",
     max_length: int = 128,
@@ -522,23 +598,36 @@ def extract(
     trust_remote_code: bool = False,
     name: str | None = None,
     progress: bool = True,
+    fresh: bool = False,
 ) -> list[LayerCache]:
     """Extract every layer of ``model`` for each task into caches under ``out``.
 
-    What ``probekit extract`` runs. Caches whose inputs are unchanged are reused; an
-    interrupted extraction resumes. Under ``torchrun``/``accelerate launch`` the work is
-    sharded over the processes (Gloo on CPU, NCCL on GPUs).
+    What ``probekit extract`` runs; the options are those of :class:`ExtractConfig`. Caches whose
+    inputs are unchanged are reused; an interrupted extraction resumes (``fresh``: one made with
+    another batch plan is removed and started over instead of refused). Under
+    ``torchrun``/``accelerate launch`` the work is sharded over the processes (Gloo on CPU, NCCL on GPUs).
     """
+    config = ExtractConfig(
+        pool=pool,
+        max_length=max_length,
+        batch_size=batch_size,  # type: ignore[arg-type]  (validate() takes ints and None too)
+        dtype=dtype,  # type: ignore[arg-type]
+        storage_dtype=storage_dtype,  # type: ignore[arg-type]
+        include_special=include_special,
+        unseen_labels=unseen_labels,  # type: ignore[arg-type]
+    )
     tasks = list(tasks)
     if not tasks:
-        raise ProbekitError("no task given; pass at least one --task (e.g. --task bigram_shift)")
-    datas = [t if isinstance(t, TaskData) else load_task(t, data_dir, unseen_labels=unseen_labels) for t in tasks]
+        raise ProbekitError("no task given; pass at least one {task} (e.g. bigram_shift)", params=("task",))
+    datas = [
+        t if isinstance(t, TaskData) else load_task(t, data_dir, unseen_labels=config.unseen_labels) for t in tasks
+    ]
     info = dist_info()
     if isinstance(model, Backbone):
         backbone = model
     else:
         backbone = load_backbone(
-            model, device=rank_device(device, info), dtype=dtype, trust_remote_code=trust_remote_code, name=name
+            model, device=rank_device(device, info), dtype=config.dtype, trust_remote_code=trust_remote_code, name=name
         )
     created = init_process_group(info, backbone.device)
     try:
@@ -547,14 +636,15 @@ def extract(
                 backbone,
                 data,
                 out,
-                pool=pool,
-                max_length=max_length,
-                batch_size=batch_size,
-                storage_dtype=storage_dtype,
-                include_special=include_special,
-                reader_options={"unseen_labels": unseen_labels},
+                pool=config.pool,
+                max_length=config.max_length,
+                batch_size=config.batch_size,
+                storage_dtype=config.storage_dtype,
+                include_special=config.include_special,
+                reader_options={"unseen_labels": config.unseen_labels},
                 progress=progress,
                 dist=info,
+                fresh=fresh,
             )
             for data in datas
         ]

@@ -17,6 +17,7 @@ from probekit.cache import read_manifest
 from probekit.errors import CacheError, ProbekitError
 from probekit.extraction import plan_batches, tokenize
 from tests.helpers import make_tiny_bert, toy_senteval
+from tests.helpers_floors import as_cli
 
 
 def manual_features(model_dir: Path, texts: list[str], pool: str, include_special: bool = True) -> list:
@@ -244,12 +245,12 @@ def test_other_encoder_families(family: str, toy_task: Path, tmp_path: Path) -> 
 
 
 def test_unreachable_hub_model_is_a_clear_error() -> None:
-    with pytest.raises(ProbekitError, match="not a local folder.*--model DIR"):
+    with pytest.raises(ProbekitError, match="not a local folder.*--model DIR"), as_cli():
         load_backbone("no-such-org/no-such-model")
 
 
 def test_bad_options(tiny_model: Path, toy_task: Path, tmp_path: Path) -> None:
-    with pytest.raises(ProbekitError, match="--batch-size"):
+    with pytest.raises(ProbekitError, match="--batch-size"), as_cli():
         extract(tiny_model, [toy_task], tmp_path, batch_size="many", progress=False)
     with pytest.raises(ProbekitError, match="unknown pooling"):
         extract(tiny_model, [toy_task], tmp_path, pool="max", progress=False)

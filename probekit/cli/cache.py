@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from probekit.cache import LayerCache, find_caches, list_caches, remove_cache
 from probekit.cli import app
 from probekit.cli.common import print_table
 
@@ -17,16 +18,12 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("ls")
 def ls(root: Annotated[Path, typer.Argument(help="A cache root (or one cache).")] = Path("caches")) -> None:
     """List the caches below ROOT."""
-    from probekit.cache import list_caches
-
     print_table(list_caches(root), title=f"caches in {root}")
 
 
 @cache_app.command("verify")
 def verify(paths: Annotated[list[Path], typer.Argument(help="Caches or cache roots.")]) -> None:
     """Check every array of each cache against the checksums in its manifest."""
-    from probekit.cache import LayerCache, find_caches
-
     for p in find_caches(paths):
         LayerCache.open(p, verify=True)
         typer.echo(f"ok  {p}")
@@ -38,8 +35,6 @@ def rm(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete caches (every cache below a root)."""
-    from probekit.cache import find_caches, remove_cache
-
     targets = find_caches(paths)
     for p in targets:
         typer.echo(str(p))

@@ -9,6 +9,10 @@ import typer
 
 from probekit.cli import app
 from probekit.cli.common import DataDir, Quiet, print_table
+from probekit.data import FETCHERS, list_tasks, locate
+from probekit.data.fetch import fetch as run_fetch
+from probekit.data.fetch import read_sums
+from probekit.errors import ProbekitError
 
 data_app = typer.Typer(help="List tasks and download datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -16,7 +20,7 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("fetch")
 def fetch(
-    collection: Annotated[str, typer.Argument(help="Which datasets: senteval (more as they are added).")],
+    collection: Annotated[str, typer.Argument(help=f"Which datasets: {', '.join(FETCHERS.names())}.")],
     dest: Annotated[Path | None, typer.Option(help="Data directory to fill (default: the user cache dir).")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help="Only these tasks; repeat.")] = None,
     base_url: Annotated[str | None, typer.Option(help="Download from this mirror instead of the official URL.")] = None,
@@ -27,11 +31,10 @@ def fetch(
     quiet: Quiet = False,
 ) -> None:
     """Download official data files, verified by SHA-256; resumable."""
-    from probekit.data.fetch import fetch as run
-    from probekit.data.fetch import read_sums
-
     sums = read_sums(checksums) if checksums else None
-    paths = run(collection, dest=dest, tasks=task, base_url=base_url, checksums=sums, force=force, progress=not quiet)
+    paths = run_fetch(
+        collection, dest=dest, tasks=task, base_url=base_url, checksums=sums, force=force, progress=not quiet
+    )
     for p in paths:
         typer.echo(str(p))
 
@@ -41,9 +44,6 @@ def ls(
     collection: Annotated[str | None, typer.Argument(help="Only this collection.")] = None, data_dir: DataDir = None
 ) -> None:
     """List the registered tasks and where each one's data was found."""
-    from probekit.data import list_tasks, locate
-    from probekit.errors import ProbekitError
-
     rows = []
     for t in list_tasks(collection):
         try:

@@ -13,20 +13,24 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from probekit.data.readers import load_task
 from probekit.data.senteval import decode_lines
-from probekit.errors import DataError, ProbekitError
+from probekit.data.task import get_task
+from probekit.data.tokens import Tokenized
+from probekit.errors import DataError, ParamError, ProbekitError, ProbekitWarning
+from probekit.registry import Registry
 
-if TYPE_CHECKING:
-    from probekit.encoding import Tokenized
-
-FORMATS = ("auto", "squad", "text", "task")
+CorpusReader = Callable[[str | Path, str | Path | None], tuple[str, str, list[str]]]
+"""Reads one corpus source (a path or task name, and the data dir): ``(name, sha256, passages)``."""
+CORPUS_FORMATS: Registry[CorpusReader] = Registry("corpus format", "corpus_format")
+"""How a corpus source is read (``squad``, ``text``, ``task``); ``auto`` picks one from the source."""
 
 
 @dataclass
@@ -52,12 +56,14 @@ def read_corpus(
     (a task name or SentEval-format file, read with ``load_task``), or ``auto``: a
     ``.json`` file is SQuAD, any other existing file is plain text, anything else a task.
     """
-    if format not in FORMATS:
-        raise ProbekitError(f"unknown corpus format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format != "auto":
+        format = CORPUS_FORMATS.canonical(format)
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
-        raise ProbekitError("no corpus given; pass --corpus PATH_OR_TASK (a SQuAD JSON, a text file or a task)")
+        raise ProbekitError(
+            "no corpus given; pass {corpus} PATH_OR_TASK (a SQuAD JSON, a text file or a task)", params=("corpus",)
+        )
     names, hashes, passages = [], [], []
     for source in sources:
         name, digest, texts = _read_one(source, data_dir, format)
@@ -70,28 +76,35 @@ def read_corpus(
 
 
 def _read_one(source: str | Path, data_dir: str | Path | None, format: str) -> tuple[str, str, list[str]]:
-    path = Path(source).expanduser()
     fmt = format
     if fmt == "auto":
+        path = Path(source).expanduser()
         fmt = ("squad" if path.suffix.lower() == ".json" else "text") if path.is_file() else "task"
-    if fmt == "task":
-        return _read_task(source, data_dir)
-    if not path.is_file():
-        raise ProbekitError(f"corpus {source}: no such file")
-    raw = path.read_bytes()
-    texts = read_squad(path, raw) if fmt == "squad" else read_text(path, raw)
-    return path.stem, hashlib.sha256(raw).hexdigest(), texts
+    return CORPUS_FORMATS.get(fmt)(source, data_dir)
 
 
-def _read_task(source: str | Path, data_dir: str | Path | None) -> tuple[str, str, list[str]]:
-    from probekit.data import get_task, load_task
+def _file_reader(parse: Callable[[Path, bytes], list[str]]) -> CorpusReader:
+    """A corpus reader for one file parsed by ``parse(path, raw)``."""
 
+    def read(source: str | Path, data_dir: str | Path | None) -> tuple[str, str, list[str]]:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ProbekitError(f"corpus {source}: no such file")
+        raw = path.read_bytes()
+        return path.stem, hashlib.sha256(raw).hexdigest(), parse(path, raw)
+
+    read.__doc__ = parse.__doc__
+    return read
+
+
+def read_task_texts(source: str | Path, data_dir: str | Path | None) -> tuple[str, str, list[str]]:
+    """Every text of a task (every split, both sides of sentence pairs), read with ``load_task``."""
     task = get_task(source)
     options: dict[str, Any] = {}
     if task.format == "senteval":  # labels do not matter here: keep rows whose label is unseen in train
         options["unseen_labels"] = "drop"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", ProbekitWarning)
         data = load_task(task, data_dir, **options)
     texts: list[str] = []
     for split in data.splits.values():
@@ -150,7 +163,7 @@ def split_passages(passages: Sequence[str], heldout: float = 0.1, seed: int = 0)
     """
     n = len(passages)
     if heldout <= 0:
-        raise ProbekitError(f"--heldout must be positive (a fraction below 1 or a number of passages), got {heldout}")
+        raise ParamError("heldout", f"must be positive (a fraction below 1 or a number of passages), got {heldout}")
     k = round(heldout * n) if heldout < 1 else int(heldout)
     k = max(1, k)
     if k >= n:
@@ -167,10 +180,8 @@ def window_passages(tokenizer: Any, passages: Sequence[str], max_length: int = 1
 
     A passage longer than one window continues in the next (no overlap, no token lost).
     """
-    from probekit.encoding import Tokenized
-
     if max_length < 3:
-        raise ProbekitError(f"--max-length must be at least 3, got {max_length}")
+        raise ParamError("max_length", f"must be at least 3, got {max_length}")
     if not passages:
         return Tokenized([], None, [], np.zeros(0, dtype=np.int64))
     enc = tokenizer(
@@ -192,3 +203,8 @@ def window_passages(tokenizer: Any, passages: Sequence[str], max_length: int = 1
     types = enc.get("token_type_ids") if "token_type_ids" in tokenizer.model_input_names else None
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     return Tokenized(ids, types, enc["special_tokens_mask"], lengths)
+
+
+CORPUS_FORMATS.register("squad", _file_reader(read_squad), help="SQuAD v1.1 JSON: the context of every paragraph.")
+CORPUS_FORMATS.register("text", _file_reader(read_text), help="A UTF-8 text file, one passage per line.")
+CORPUS_FORMATS.register("task", read_task_texts, help="The texts of a task probekit reads (a name or a file).")

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from probekit.data.locate import default_data_dir
-from probekit.data.registry import Task, get_task, list_tasks
+from probekit.data.task import FETCHERS, Fetcher, Task, get_task, list_tasks
 from probekit.errors import ProbekitError
 from probekit.io import atomic_open, sha256_file
 
@@ -25,18 +25,10 @@ SUMS = "SHA256SUMS"
 USER_AGENT = "probekit (https://github.com/probekit/probekit)"
 TIMEOUT = 60
 
-Fetcher = Callable[..., list[Path]]
-FETCHERS: dict[str, Fetcher] = {}
-
 
 def register_fetcher(collection: str) -> Callable[[Fetcher], Fetcher]:
-    """Decorator: the function that downloads a collection's files."""
-
-    def deco(fn: Fetcher) -> Fetcher:
-        FETCHERS[collection] = fn
-        return fn
-
-    return deco
+    """Decorator: register the function that downloads a collection's files (for plugins)."""
+    return FETCHERS.register(collection)
 
 
 def fetch(
@@ -53,10 +45,7 @@ def fetch(
     ``base_url`` replaces the official location (a mirror); ``checksums`` maps file names
     to SHA-256 values that override the recorded ones.
     """
-    key = collection.lower()
-    if key not in FETCHERS:
-        raise ProbekitError(f"unknown collection {collection!r}; choose one of {', '.join(sorted(FETCHERS))}")
-    return FETCHERS[key](
+    return FETCHERS.get(collection)(
         dest=Path(dest) if dest else default_data_dir(),
         tasks=tasks,
         base_url=base_url,
@@ -131,7 +120,6 @@ def download(url: str, target: Path, sha256: str | None = None, progress: bool =
     return digest
 
 
-@register_fetcher("senteval")
 def fetch_senteval(
     dest: Path,
     tasks: Sequence[str] | None,

@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from probekit.data.fetch import SUMS, chosen_tasks, download, read_sums, register_fetcher, write_sums
-from probekit.data.registry import Task, list_tasks, register_reader
+from probekit.data.fetch import SUMS, chosen_tasks, download, read_sums, write_sums
 from probekit.data.senteval import decode_lines
-from probekit.data.types import Split, TaskData
-from probekit.errors import DataError, ProbekitError
+from probekit.data.task import Split, Task, TaskData, check_unseen_labels, list_tasks, unseen_label_error
+from probekit.errors import DataError, ProbekitError, ProbekitWarning
 from probekit.io import remove_tree, replace_dir, sha256_file
 
 DEFAULT_SPLITS = {"train": "train.tsv", "dev": "dev.tsv"}
@@ -117,14 +116,12 @@ def read_tsv(path: Path, task: Task) -> _Rows:
     return rows
 
 
-@register_reader("glue")
 def read_glue(task: Task, path: Path, unseen_labels: str = "error") -> TaskData:
     """Read a GLUE task folder into its splits (``train``, ``dev`` and, for MNLI, ``dev_mismatched``).
 
     ``unseen_labels``: dev rows whose label never occurs in train: ``"error"`` or ``"drop"``.
     """
-    if unseen_labels not in ("error", "drop"):
-        raise ValueError(f"unseen_labels must be 'error' or 'drop', not {unseen_labels!r}")
+    check_unseen_labels(unseen_labels)
     path = Path(path)
     if not path.is_dir():
         raise DataError(path, f"expected the folder of GLUE task {task.name!r} (with train.tsv and dev.tsv)")
@@ -143,15 +140,11 @@ def read_glue(task: Task, path: Path, unseen_labels: str = "error") -> TaskData:
             unseen = [i for i, y in enumerate(rows.labels) if y not in ids]
             if unseen and unseen_labels == "error":
                 i = unseen[0]
-                raise DataError(
-                    path / files[split],
-                    f"label {rows.labels[i]!r} of the {split} split never occurs in the train split "
-                    "(pass --unseen-labels drop to drop such rows)",
-                    line=rows.lines[i],
-                )
+                raise unseen_label_error(path / files[split], split, rows.labels[i], rows.lines[i])
             if unseen:
                 warnings.warn(
                     f"{path / files[split]}: dropped {len(unseen)} {split} rows whose label never occurs in train",
+                    ProbekitWarning,
                     stacklevel=2,
                 )
                 keep = [i for i in keep if rows.labels[i] in ids]
@@ -170,7 +163,6 @@ def read_glue(task: Task, path: Path, unseen_labels: str = "error") -> TaskData:
 # ---------------------------------------------------------------- download
 
 
-@register_fetcher("glue")
 def fetch_glue(
     dest: Path,
     tasks: Sequence[str] | None,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import platformdirs
 
-from probekit.data.registry import Task
+from probekit.data.task import FETCHERS, Task
 from probekit.errors import ProbekitError
 
 ENV_VAR = "PROBEKIT_DATA_DIR"
@@ -52,10 +52,11 @@ def locate(task: Task, data_dir: str | Path | None = None) -> Path:
     looked = ", ".join(str(d) for d in dirs)
     fetch = (
         f"`probekit data fetch {task.collection}` (downloads into {default_data_dir()}, or --dest DIR)"
-        if task.url or task.collection in {"senteval", "glue"}
+        if task.url or task.collection in FETCHERS
         else "copying the file there"
     )
     raise ProbekitError(
         f"task {task.name!r}: {task.relpath} not found in {looked}. Get it with {fetch}, "
-        f"or point --data-dir or ${ENV_VAR} at a directory that has {task.relpath}."
+        "or point {data_dir} " + f"or ${ENV_VAR} at a directory that has {task.relpath}.",
+        params=("data_dir",),
     )

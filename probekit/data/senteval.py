@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from probekit.data.registry import Task, register_reader
-from probekit.data.types import SPLITS, Split, TaskData
-from probekit.errors import DataError
+from probekit.data.task import SPLITS, Split, Task, TaskData, check_unseen_labels, unseen_label_error
+from probekit.errors import DataError, ProbekitWarning
 
 SPLIT_TAGS = {"tr": "train", "va": "dev", "te": "test"}
 
@@ -39,15 +38,13 @@ def decode_lines(path: Path, raw: bytes) -> list[str]:
     return out
 
 
-@register_reader("senteval")
 def read_senteval(task: Task, path: Path, unseen_labels: str = "error") -> TaskData:
     """Read a SentEval probing file into train/dev/test splits.
 
     ``unseen_labels``: what to do with dev/test rows whose label never occurs in
     train: ``"error"`` (SentEval would crash on them) or ``"drop"`` them with a warning.
     """
-    if unseen_labels not in ("error", "drop"):
-        raise ValueError(f"unseen_labels must be 'error' or 'drop', not {unseen_labels!r}")
+    check_unseen_labels(unseen_labels)
     raw = Path(path).read_bytes()
     texts: dict[str, list[str]] = {s: [] for s in SPLITS}
     labels: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -87,16 +84,12 @@ def read_senteval(task: Task, path: Path, unseen_labels: str = "error") -> TaskD
             continue
         if unseen_labels == "error":
             y = unseen[0]
-            raise DataError(
-                path,
-                f"label {y!r} of the {split} split never occurs in the train split "
-                "(pass --unseen-labels drop to drop such rows)",
-                line=first_line[(split, y)],
-            )
+            raise unseen_label_error(path, split, y, first_line[(split, y)])
         keep = [i for i, y in enumerate(labels[split]) if y in ids]
         warnings.warn(
             f"{path}: dropped {len(labels[split]) - len(keep)} {split} rows whose label never occurs "
             f"in train ({len(unseen)} labels, e.g. {unseen[0]!r})",
+            ProbekitWarning,
             stacklevel=2,
         )
         texts[split] = [texts[split][i] for i in keep]
