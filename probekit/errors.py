@@ -47,11 +47,11 @@ class ParamError(ProbekitError):
 class DataError(ProbekitError):
     """A data file is malformed; the message names the file and, where known, the line."""
 
-    def __init__(self, path: str | Path, message: str, line: int | None = None) -> None:
+    def __init__(self, path: str | Path, message: str, line: int | None = None, *, params: Iterable[str] = ()) -> None:
         self.path = Path(path)
         self.line = line
         where = f"{self.path}:{line}" if line is not None else str(self.path)
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{where}: {message}", params=params)
 
 
 class CacheError(ProbekitError):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,28 +13,12 @@ from probekit.cli import app
 from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
 from probekit.cli.options import derive
 from probekit.distributed import dist_info
-from probekit.errors import ProbekitError
 from probekit.extraction import ExtractConfig
 from probekit.extraction import extract as run_extract
 
 DType = StrEnum("DType", {d: d for d in COMPUTE_DTYPES})  # type: ignore[misc]
 """The compute dtypes as a typer choice (derived from :data:`probekit.backbone.COMPUTE_DTYPES`; other commands
 with a ``--dtype`` use it)."""
-
-
-@contextmanager
-def _flags_in_errors() -> Iterator[None]:
-    """Library errors with their parameter names as this command's flags (``max_length`` -> ``--max-length``).
-
-    A stopgap: the CLI's error boundary (``probekit.cli._flags``) does not find the sub-command under
-    typer >= 0.16 (its ``isinstance(..., click.Group)`` is false for typer's own click), so it renders no flag.
-    """
-    try:
-        yield
-    except ProbekitError as e:
-        if not e.params:
-            raise
-        raise ProbekitError(e.render({p: "--" + p.replace("_", "-") for p in e.params})) from e
 
 
 @app.command()
@@ -63,20 +45,19 @@ def extract(
 
     Under torchrun or accelerate launch the work is sharded over the processes.
     """
-    with _flags_in_errors():
-        caches = run_extract(
-            model,
-            task,
-            out,
-            **options,
-            device=device,
-            include_special=include_special,
-            data_dir=data_dir,
-            trust_remote_code=trust_remote_code,
-            name=name,
-            progress=not quiet,
-            fresh=fresh,
-        )
+    caches = run_extract(
+        model,
+        task,
+        out,
+        **options,
+        device=device,
+        include_special=include_special,
+        data_dir=data_dir,
+        trust_remote_code=trust_remote_code,
+        name=name,
+        progress=not quiet,
+        fresh=fresh,
+    )
     if not dist_info().is_main:
         return
     print_table(

@@ -13,9 +13,9 @@ from probekit.cli import app
 from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
 from probekit.cli.options import derive
 from probekit.offramp.methods import TRAINING_METHODS
-from probekit.offramp.plots import save_figures
 from probekit.offramp.policies import EXIT_POLICIES
 from probekit.offramp.run import option_sources, run_offramp, summarize
+from probekit.plot import save_figures
 
 
 def _choices(registry: Any) -> str:

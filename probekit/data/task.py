@@ -251,12 +251,10 @@ def check_unseen_labels(value: str) -> str:
 def unseen_label_error(path: str | Path, split: str, label: str, line: int | None) -> DataError:
     """The error for a dev/test label that never occurs in train; it names the ``unseen_labels`` parameter
     (rendered ``--unseen-labels`` by the CLI)."""
-    err = DataError(
+    return DataError(
         path,
         f"label {label!r} of the {split} split never occurs in the train split "
         "(pass {unseen_labels} drop to drop such rows)",
         line=line,
+        params=("unseen_labels",),
     )
-    err.params = ("unseen_labels",)  # DataError takes no params: set them so front ends render the marker
-    err.args = (err.render({}),)
-    return err

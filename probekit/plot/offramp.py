@@ -40,7 +40,7 @@ def offramp_curves(results: pd.DataFrame, *, col_wrap: int = 4) -> Figure:
     return _line_panels(
         rows,
         ["task", "metric"],
-        ["model", "probe"],
+        ["model", "mode"],
         None,
         "Off-ramps: quality when every example exits at a given layer",
         "exit layer",
@@ -70,7 +70,7 @@ def quality_vs_saving(results: pd.DataFrame, *, saving: str = "expected_saving",
     fig, axes, _ = _panels(len(panels), col_wrap, 3.4, 2.8)
     for ax, (model, task, metric) in zip(axes, panels, strict=True):
         one = rows[(rows["model"] == model) & (rows["task"] == task) & (rows["metric"] == metric)]
-        for (policy, mode), line in one.groupby(["policy", "probe"], dropna=False, sort=False):
+        for (policy, mode), line in one.groupby(["policy", "mode"], dropna=False, sort=False):
             line = line.groupby("threshold", dropna=False)[[saving, "value"]].mean().sort_values(saving)
             ax.plot(
                 line[saving],
@@ -152,7 +152,7 @@ def saving_calibration(results: pd.DataFrame) -> Figure:
         else ("expected_saving")
     )
     rows = rows[rows["metric"] != "exit_fraction"].dropna(subset=[x, "measured_saving"])
-    rows = rows.drop_duplicates(subset=[c for c in ("model", "task", "probe", "policy", "threshold") if c in rows])
+    rows = rows.drop_duplicates(subset=[c for c in ("model", "task", "mode", "policy", "threshold") if c in rows])
     policies = list(pd.unique(rows["policy"]))
     colours = model_colours(policies)
     fig = _figure(4.6, 4.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from probekit.data.registry import short_name
+from probekit.data import short_name
 
 
 def _cell(values: pd.Series) -> str:
