@@ -21,7 +21,7 @@ import pandas as pd
 
 from probekit.backbone import Backbone, load_backbone
 from probekit.config import Config, option, split_options
-from probekit.data.corpus import FORMATS, read_corpus, split_passages, window_passages
+from probekit.data.corpus import CORPUS_FORMATS, read_corpus, split_passages, window_passages
 from probekit.encoding import Tokenized
 from probekit.errors import ParamError
 from probekit.fingerprint import STAMP, read_stamp, resume_rule, write_stamp
@@ -32,6 +32,11 @@ from probekit.runs import Run
 
 REFERENCE_CORRUPTION = (0.15, 1.0)
 """The masked task every sweep setting is also scored on: 15% of tokens, fully dropped."""
+
+
+def _corpus_formats() -> list[str]:
+    """``auto`` and every registered corpus format (plugins' too)."""
+    return ["auto", *CORPUS_FORMATS.names()]
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,9 @@ class MLMRunConfig(Config):
     )
     sweep_steps: int | None = option(None, "Training steps of each sweep setting (default: the training steps).", ge=1)
     corpus_format: str = option(
-        "auto", "How to read the corpus; auto: .json is SQuAD, another file is text, else a task.", choices=FORMATS
+        "auto",
+        "How to read the corpus; auto: .json is SQuAD, another file is text, else a task.",
+        choices=_corpus_formats,
     )
 
 

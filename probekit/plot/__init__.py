@@ -16,6 +16,7 @@ several; :func:`configs` lists them).
 from __future__ import annotations
 
 from probekit.plot.deltas import delta_heatmap, finetune_grid
+from probekit.plot.finetune import finetune_epochs
 from probekit.plot.mlm import mlm_curves
 from probekit.plot.offramp import (
     exit_histograms,
@@ -51,6 +52,7 @@ __all__ = [
     "curves",
     "delta_heatmap",
     "exit_histograms",
+    "finetune_epochs",
     "finetune_grid",
     "heatmap",
     "metric_label",

@@ -44,6 +44,12 @@ def _config_rows(ctx: Context, probe: object = None, pool: object = None) -> pd.
     return rows[analysis.same(rows["pool"], pool)] if pool is not None else rows
 
 
+def _max_layer(rows: pd.DataFrame) -> int | str:
+    """The deepest layer a model's rows name (blank for rows with no layer, as fine-tuning's)."""
+    layers = pd.to_numeric(rows["layer"]).dropna()
+    return int(layers.max()) if len(layers) else ""
+
+
 @section("overview")
 def overview(results: pd.DataFrame, ctx: Context) -> Section:
     rows = []
@@ -57,7 +63,7 @@ def overview(results: pd.DataFrame, ctx: Context) -> Section:
                 "role": "baseline" if ctx.baseline is not None and model in set(ctx.baseline["model"]) else "",
                 "analyses": ", ".join(map(str, pd.unique(one["source"].dropna()))),
                 "tasks": one["task"].nunique(),
-                "layers": int(pd.to_numeric(one["layer"]).max()),
+                "layers": _max_layer(one),
                 "probes": ", ".join(map(str, pd.unique(one["probe"].dropna()))),
                 "pooling": ", ".join(map(str, pd.unique(one["pool"].dropna()))),
                 "seeds": one["seed"].nunique(),
