@@ -13,8 +13,7 @@ from probekit.mlm import MLMConfig, mlm_probe
 from probekit.mlm.runner import MLMRunConfig
 from probekit.offramp import run_offramp
 from probekit.offramp.methods import TRAINING_METHODS
-from probekit.offramp.policies import PolicyConfig
-from probekit.offramp.run import MeasureConfig, OffRampConfig
+from probekit.offramp.run import option_sources
 from probekit.suite.base import STEPS, SuiteRun, SuiteStep
 from probekit.suite.file import Suite, check_tasks
 from probekit.suite.steps import _data_identity, _identity
@@ -92,8 +91,7 @@ class OffRampStep(SuiteStep):
 
     @classmethod
     def components(cls) -> Sequence[type[Config]]:
-        methods = [m.config_class for _, m in TRAINING_METHODS.items()]
-        return (OffRampConfig, MeasureConfig, PolicyConfig, *dict.fromkeys(methods))
+        return [cfg for _, cfg in option_sources()]
 
     def check(self, suite: Suite) -> None:
         cfg: OffRampTable = self.config  # type: ignore[assignment]

@@ -19,6 +19,7 @@ from probekit import extraction, probes, report
 from probekit.config import Config, option
 from probekit.data import get_task, locate
 from probekit.errors import ProbekitError
+from probekit.extraction import ExtractConfig
 from probekit.finetune import (
     GRIDS,
     TrainOptions,
@@ -30,6 +31,8 @@ from probekit.finetune import (
 from probekit.finetune import finetune as finetune_runner
 from probekit.finetune.variants import variant_options
 from probekit.io import atomic_path, read_json, sha256_file
+from probekit.probes import PROBE_KINDS
+from probekit.probes.layerwise import kind_config
 from probekit.report import MARKER, ReportConfig
 from probekit.suite.base import STEPS, Step, SuiteRun, SuiteStep, shown
 from probekit.suite.file import Suite, check_tasks
@@ -159,10 +162,7 @@ class FinetuneStep(SuiteStep):
 class ProbeTable(Config):
     component = "[probe]"
     tasks: tuple[str, ...] = option(help="SentEval tasks (or SentEval-format files, relative to the suite file).")
-    pool: str = option("mean", "Pooling of the features: mean or cls.")
-    max_length: int = option(128, "Truncate texts to this many tokens.", ge=2)
-    unseen_labels: str = option("error", "dev/test rows with a label never seen in train: error, or drop them.")
-    kind: str = option("linear", "Probe kind.")
+    kind: str = option("linear", "Probe kind.", choices=PROBE_KINDS.names)
     seeds: int | tuple[int, ...] = option(1, "A count (seeds 0..n-1) or a list.", ge=0)
     control: bool = option(True, "Shuffled-label control probe.")
     grid: tuple[float, ...] | None = option(None, "Regularisation grid (default: the kind's).", gt=0)
@@ -170,20 +170,35 @@ class ProbeTable(Config):
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
 
 
+def _extract_keys() -> list[str]:
+    """The extraction options a [probe] table takes (``batch_size`` there is the probe's, as for the MLP)."""
+    return [k for k in ExtractConfig.field_names() if k != "batch_size"]
+
+
 @STEPS.register("probe")
 class ProbeStep(SuiteStep):
     """Extract every model (the pre-trained one and each fine-tuned checkpoint) on the probing tasks, then
-    probe every layer of every model."""
+    probe every layer of every model. Its keys: its own, the extraction's (``pool``, ``max_length``,
+    ``unseen_labels``...) and the probe kinds' options (``max_iter``, ``nhid``...)."""
 
     Config = ProbeTable
     required = True
     order = 20
+
+    @classmethod
+    def components(cls) -> Sequence[type[Config]]:
+        kinds = [k.Config for _, k in PROBE_KINDS.items()]
+        return (*dict.fromkeys(kinds), ExtractConfig)
 
     def check(self, suite: Suite) -> None:
         cfg: ProbeTable = self.config  # type: ignore[assignment]
         tasks = tuple(_task_file(suite, t) for t in cfg.tasks)
         self.config = cfg.replace(tasks=tasks)
         check_tasks("probe", tasks, glue_only=False)
+        self.extract_options = {k: v for k, v in self.options.items() if k in _extract_keys()}
+        self.probe_options = {**cfg.options, **{k: v for k, v in self.options.items() if k not in _extract_keys()}}
+        ExtractConfig.from_mapping(self.extract_options)
+        kind_config(cfg.kind, cfg.grid, **self.probe_options)
 
     def run(self, run: SuiteRun) -> None:
         for name, m in run.models.items():
@@ -193,13 +208,12 @@ class ProbeStep(SuiteStep):
 
     def _extract(self, run: SuiteRun, name: str, source: str) -> None:
         s, pr = run.suite, self.config
+        extract_cfg = ExtractConfig.from_mapping(self.extract_options)
         settings = {
             "model": _identity(source),
             "tasks": list(pr.tasks),
             "data": _data_identity(pr.tasks, s.data_dir),
-            "pool": pr.pool,
-            "max_length": pr.max_length,
-            "unseen_labels": pr.unseen_labels,
+            **{k: v for k, v in extract_cfg.to_dict().items() if k != "batch_size"},
             "name": name,
             "caches": str(s.caches_dir),
         }
@@ -210,12 +224,10 @@ class ProbeStep(SuiteStep):
                 source,
                 list(pr.tasks),
                 s.caches_dir,
-                pool=pr.pool,
-                max_length=pr.max_length,
-                unseen_labels=pr.unseen_labels,
                 data_dir=s.data_dir,
                 name=name,
                 progress=run.progress,
+                **self.extract_options,
             )
             made[:] = [str(c.path) for c in caches]
             return f"{len(caches)} caches"
@@ -239,7 +251,7 @@ class ProbeStep(SuiteStep):
             "seeds": _seeds(pr.seeds),
             "grid": list(pr.grid) if pr.grid is not None else None,
             "control": pr.control,
-            "options": dict(pr.options),
+            "options": dict(self.probe_options),
             "device": pr.device,
         }
         settings = {"caches": [read_json(Path(c) / "manifest.json")["key"] for c in caches], **options}
@@ -257,8 +269,7 @@ class ProbeStep(SuiteStep):
                 progress=run.progress,
                 **options["options"],
             )
-            df = getattr(result, "results", result)
-            return f"{len(df)} rows"
+            return f"{len(result.results)} rows"
 
         run.stamped("probe", name, f"probe-{name}", settings, work, outputs=lambda _: [out / "results.parquet"])
         run.results.setdefault("probe", []).append(out)
