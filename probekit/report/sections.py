@@ -52,6 +52,7 @@ def _max_layer(rows: pd.DataFrame) -> int | str:
 
 @section("overview")
 def overview(results: pd.DataFrame, ctx: Context) -> Section:
+    """The models in the report and what was measured on each."""
     rows = []
     for model in ctx.models:
         one = results[results["model"] == model]
@@ -95,6 +96,7 @@ def _per_config(ctx: Context, name: str, draw: Callable[..., Figure], says: Call
 
 @section("probing")
 def probing(results: pd.DataFrame, ctx: Context) -> Section | None:
+    """Heatmaps of the probe score by layer and task, one panel per model."""
     if ctx.probe.empty:
         return None
     says = (
@@ -109,6 +111,7 @@ def probing(results: pd.DataFrame, ctx: Context) -> Section | None:
 
 @section("curves")
 def curves(results: pd.DataFrame, ctx: Context) -> Section | None:
+    """Per-task curves of the probe score over layers, with bands and the control/majority baselines."""
     if ctx.probe.empty:
         return None
 
@@ -124,6 +127,7 @@ def curves(results: pd.DataFrame, ctx: Context) -> Section | None:
 
 @section("convexity")
 def convexity(results: pd.DataFrame, ctx: Context) -> Section | None:
+    """The convexity table: peak layer, peak and last scores, the drop and whether it exceeds its uncertainty."""
     table = ctx.convexity
     if table is None:
         return None
@@ -192,6 +196,7 @@ def _markdown_peaks(table: pd.DataFrame) -> str:
 
 @section("deltas")
 def deltas(results: pd.DataFrame, ctx: Context) -> Section | None:
+    """Fine-tuned minus pre-trained probe scores per layer and task, and the fine-tuning-task grid."""
     d = ctx.deltas
     if d is None:
         return None
@@ -257,6 +262,7 @@ def deltas(results: pd.DataFrame, ctx: Context) -> Section | None:
 
 @section("mlm")
 def mlm(results: pd.DataFrame, ctx: Context) -> Section | None:
+    """MLM-head probe accuracy per layer (how contextual each layer is)."""
     rows = ctx.sources("mlm-probe")
     if rows.empty:
         return None
@@ -285,6 +291,7 @@ def mlm(results: pd.DataFrame, ctx: Context) -> Section | None:
 
 @section("offramp")
 def offramp(results: pd.DataFrame, ctx: Context) -> Section | None:
+    """Off-ramp quality per exit layer, exit policies' quality against savings."""
     ramps, policy = ctx.sources("offramp"), ctx.sources("exit-policy")
     if ramps.empty and policy.empty:
         return None
