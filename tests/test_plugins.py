@@ -35,7 +35,9 @@ def probekit_with_plugin(*args: str) -> subprocess.CompletedProcess[str]:
 def test_plugin_components_appear_in_every_help() -> None:
     probe = probekit_with_plugin("probe", "--help")
     assert probe.returncode == 0, probe.stderr
-    assert "nearest-mean" in probe.stdout and "--whiten" in probe.stdout and "Scale every feature" in probe.stdout
+    assert (
+        "test-centroid" in probe.stdout and "--metric-power" in probe.stdout and "Power of the distance" in probe.stdout
+    )
     offramp = probekit_with_plugin("offramp", "--help")
     assert "margin" in offramp.stdout and "--min-layer" in offramp.stdout
     ft = probekit_with_plugin("finetune", "--help")
@@ -61,8 +63,8 @@ path = "{model}"
 [probe]
 tasks = ["toy_a.txt"]
 max_length = 32
-kind = "nearest-mean"
-whiten = true
+kind = "test-centroid"
+metric_power = 1.0
 
 [offramp]
 tasks = ["sst2"]
@@ -88,7 +90,7 @@ def test_plugin_components_run_from_a_suite(tiny_model: Path, tmp_path: Path) ->
     study = tmp_path / "runs" / "study"
     probe = load_results(study / "results" / "tiny")
     validate(probe)
-    assert set(probe["probe"]) == {"nearest-mean"} and json.loads(probe["settings"].iloc[0])["whiten"] is True
+    assert set(probe["probe"]) == {"test-centroid"} and json.loads(probe["settings"].iloc[0])["metric_power"] == 1.0
     # the plugin step's output agrees with the probe rows themselves: the test-accuracy argmax per task
     acc = probe[(probe["metric"] == "acc") & (probe["split"] == "test")].groupby("layer")["value"].mean()
     peaks = json.loads((study / "peaks.json").read_text())
@@ -101,7 +103,7 @@ def test_plugin_components_run_from_a_suite(tiny_model: Path, tmp_path: Path) ->
 
 def test_plugin_variant_fine_tunes(tmp_path: Path) -> None:
     load_plugins([PLUGIN])
-    assert {"nearest-mean" in PROBE_KINDS, "margin" in EXIT_POLICIES, "reinit-top" in VARIANTS, "peaks" in STEPS} == {
+    assert {"test-centroid" in PROBE_KINDS, "margin" in EXIT_POLICIES, "reinit-top" in VARIANTS, "peaks" in STEPS} == {
         True
     }
     model = make_tiny_bert(tmp_path / "tiny3", layers=3)
