@@ -9,9 +9,8 @@ import typer
 
 from probekit.cli import app
 from probekit.cli.common import DataDir, Model, Quiet, print_table
-from probekit.cli.options import derive, flags_of
+from probekit.cli.options import derive
 from probekit.config import split_options
-from probekit.errors import ProbekitError
 from probekit.finetune import JobOptions, option_sources, variant_order
 from probekit.finetune import finetune as run_finetune
 
@@ -21,7 +20,6 @@ _VARIANT_HELP = f"Fine-tuning variant ({', '.join(variant_order())}, or all); re
 @app.command()
 @derive(option_sources, labelled=False)
 def finetune(
-    ctx: typer.Context,
     model: Model,
     task: Annotated[
         list[str], typer.Option("--task", "-t", help="GLUE task (cola, rte, sst2, mrpc, stsb...); repeat.")
@@ -37,25 +35,20 @@ def finetune(
 ) -> None:
     """Fine-tune an encoder on GLUE tasks (grid x seeds, best dev epoch kept), optionally with the convexity
     paper's fixes; resumable. Writes HF checkpoints that `probekit extract --model` loads."""
-    try:
-        given, rest = split_options(options or {}, JobOptions)
-        job = JobOptions.from_mapping(given)
-        result = run_finetune(
-            model,
-            task,
-            out,
-            seeds=job.seeds,
-            variants=variant,
-            data_dir=data_dir,
-            threads=job.threads or None,
-            fresh=fresh,
-            progress=not quiet,
-            **rest,
-        )
-    except ProbekitError as e:
-        # the library names parameters; say them as this command's flags (the CLI's boundary does so too,
-        # but misses the command when typer's own click is not the installed one)
-        raise ProbekitError(e.render({**flags_of(ctx.command), "fresh": "--fresh"})) from None
+    given, rest = split_options(options or {}, JobOptions)
+    job = JobOptions.from_mapping(given)
+    result = run_finetune(
+        model,
+        task,
+        out,
+        seeds=job.seeds,
+        variants=variant,
+        data_dir=data_dir,
+        threads=job.threads or None,
+        fresh=fresh,
+        progress=not quiet,
+        **rest,
+    )
     print_table(
         [
             {
