@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from transformers import BertConfig, GPT2Config, RobertaConfig, T5Config
+from typer.testing import CliRunner
 
 import probekit
 from probekit.backbone import Backbone, check_encoder, position_limit, resolve_device, usable_length
+from probekit.cli import app
 from probekit.config import Config, fields_of
 from probekit.data import load_task
 from probekit.data.corpus import read_corpus
@@ -24,6 +26,7 @@ from probekit.encoding import encode
 from probekit.errors import DataError, ParamError, ProbekitError, ProbekitWarning
 from probekit.suite import load_suite
 from tests.helpers import tiny_tokenizer, toy_senteval
+from tests.test_finetune import write_cola
 from tests.test_suite import SUITE, write_suite
 
 EDITORS: dict[str, Callable[[str], bytes]] = {
@@ -254,3 +257,30 @@ def test_new_bounds_refuse_with_the_range(cls_path: str, field: str, value: int,
     with pytest.raises(ParamError, match=message) as info:
         cls(**{field: value})
     assert info.value.param == field
+
+
+def test_cli_extract_of_a_very_long_sentence_with_max_length_100000(tiny_model: Path, tmp_path: Path) -> None:
+    task = tmp_path / "long.txt"
+    long = " ".join(["the cat sat on the mat"] * 300)
+    task.write_text(f"tr\ta\t{long}\ntr\tb\ta dog\nva\ta\tthe cat\nte\tb\tit ran\n", encoding="utf-8")
+    args = ["extract", "-m", str(tiny_model), "-t", str(task), "-q"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "long"), "--max-length", "100000"])
+    assert result.exit_code == 0, result.output
+    assert "warning: max_length 100000 is more than 'tiny-bert" in result.output
+    assert "using 128" in result.output
+    capped = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "capped"), "--max-length", "128"])
+    assert capped.exit_code == 0 and "warning" not in capped.output
+    (got,) = (tmp_path / "long").rglob("train.features.npy")
+    (want,) = (tmp_path / "capped").rglob("train.features.npy")
+    np.testing.assert_array_equal(np.load(got), np.load(want))  # truncated to the model's 128 positions
+
+
+def test_finetune_caps_max_length_at_the_positions(tiny_model: Path, tmp_path: Path) -> None:
+    from probekit.finetune.train import TrainOptions, _job, load_tokenizer
+
+    data = load_task("cola", write_cola(tmp_path))
+    long = " ".join(["the cat sat"] * 200)
+    data.splits["train"].texts[0] = long
+    with pytest.warns(ProbekitWarning, match="max_length 100000 is more than .*using 128"):
+        job = _job(str(tiny_model), data, None, TrainOptions(max_length=100000), load_tokenizer(str(tiny_model)))  # type: ignore[arg-type]
+    assert int(job.train_tok.lengths.max()) == 128

@@ -46,7 +46,7 @@ import torch
 
 from probekit import metrics as M
 from probekit._version import __version__
-from probekit.backbone import check_encoder, check_tokenizer, from_pretrained, model_source, quiet_hub
+from probekit.backbone import check_encoder, check_tokenizer, from_pretrained, model_source, quiet_hub, usable_length
 from probekit.config import Config, option
 from probekit.cpu import cpu_threads
 from probekit.data import Split, Task, TaskData, get_task, load_task
@@ -458,6 +458,11 @@ def _task_data(task: str | Task, data_dir: Any) -> TaskData:
 
 
 def _job(source: str, data: TaskData, variant: Variant, options: TrainOptions, tokenizer: Any) -> _FinetuneJob:
+    from transformers import AutoConfig  # deferred: transformers is heavy (seconds), needed only to train
+
+    config = from_pretrained(AutoConfig, source)
+    check_encoder(config, source)
+    max_length = usable_length(options.max_length, config, repr(source))  # the model's positions, at most
     train, dev = prepare_data(data, options.max_train_samples, options.max_dev_samples)
     names = M.task_metrics(data.task)
     return _FinetuneJob(
@@ -466,8 +471,8 @@ def _job(source: str, data: TaskData, variant: Variant, options: TrainOptions, t
         train=train,
         dev=dev,
         tokenizer=tokenizer,
-        train_tok=tokenize(tokenizer, train.texts, train.text_pairs, options.max_length),
-        dev_tok=tokenize(tokenizer, dev.texts, dev.text_pairs, options.max_length),
+        train_tok=tokenize(tokenizer, train.texts, train.text_pairs, max_length),
+        dev_tok=tokenize(tokenizer, dev.texts, dev.text_pairs, max_length),
         variant=variant,
         options=options,
         metric=names[0],
