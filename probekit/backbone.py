@@ -43,9 +43,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind, _, index = str(device).partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        raise ParamError("device", f"unknown device {device!r}; use {DEVICE_FORMS}")
+    check_device(device)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParamError("device", "cuda was asked for but no CUDA GPU is available; use {device} cpu")
@@ -54,6 +52,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ParamError("device", "mps was asked for but Apple's MPS is not available; use {device} cpu")
     return dev
+
+
+def check_device(device: str) -> None:
+    """A :class:`ParamError` naming the accepted forms unless ``device`` is one of them (the hardware is not
+    asked: a suite file is checked before anything runs)."""
+    kind, _, index = str(device).partition(":")
+    if device != "auto" and (kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit()))):
+        raise ParamError("device", f"unknown device {device!r}; use {DEVICE_FORMS}")
 
 
 def position_limit(config: Any) -> int | None:

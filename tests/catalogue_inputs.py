@@ -127,6 +127,12 @@ CASES: list[Case] = [
         text("blob.txt", b"tr\tO\tthe cat\n\x00\x00\x07"),
     ),
     Case(
+        "task-utf16",
+        ["extract", "-m", "{model}", "-t", "{tmp}/utf16.txt", "-o", OUT],
+        "utf16.txt: UTF-16 text (it starts with a UTF-16 byte-order mark); re-encode the file as UTF-8",
+        text("utf16.txt", "tr\tO\tthe cat\n".encode("utf-16")),
+    ),
+    Case(
         "task-is-safetensors",
         ["extract", "-m", "{model}", "-t", "{tmp}/weights.safetensors", "-o", OUT],
         "weights.safetensors: a binary file, not text",
@@ -190,6 +196,12 @@ CASES: list[Case] = [
         ["run", "{tmp}/study.toml"],
         "unknown key 'colour' in the top level",
         suite("\ufeff" + ("colour = 1\n" + GOOD_SUITE).replace("\n", "\r\n")),
+    ),
+    Case(
+        "suite-probe-device-tpu",  # refused when the file is read, before any step runs
+        ["run", "{tmp}/study.toml"],
+        "unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps",
+        suite(GOOD_SUITE + 'device = "tpu"\n'),
     ),
     # ---- models
     Case(

@@ -29,6 +29,8 @@ BINARY_PROBE = 8192
 
 def check_text(path: Path, raw: bytes) -> None:
     """A :class:`DataError` when ``raw`` is a binary file (a NUL byte near its start), not text."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # what Windows editors call "Unicode"
+        raise DataError(path, "UTF-16 text (it starts with a UTF-16 byte-order mark); re-encode the file as UTF-8")
     if b"\x00" in raw[:BINARY_PROBE]:
         raise DataError(path, "a binary file, not text (it holds NUL bytes); expected a UTF-8 text file")
 
