@@ -15,13 +15,15 @@ import logging
 import os
 import socket
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 
-from probekit.errors import ParamError, ProbekitError
+from probekit.errors import ParamError, ProbekitError, ProbekitWarning
 
 HUB_HOST = "huggingface.co"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,18 +31,78 @@ ComputeDType = Literal["auto", "float32", "float16", "bfloat16"]
 """The compute dtypes a backbone runs in (``auto``: float32 on CPU, bfloat16/float16 on GPUs)."""
 COMPUTE_DTYPES: tuple[str, ...] = typing.get_args(ComputeDType)
 GENERIC_DIR_NAMES = {"model", "models", "snapshot", "checkpoint", "best", "final"}
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+PADDED_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "xlm-roberta-xl", "data2vec-text"}
+"""Models whose position ids start after the padding index: ``pad_token_id + 1`` fewer usable positions."""
+ARCHITECTURES = "encoder-only models (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa and their kin)"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` picks CUDA when available, else the CPU; an unknown device or one that is absent is an error."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParamError("device", "cuda was asked for but no CUDA GPU is available; use {device} cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParamError("device", f"there is no GPU {dev.index} (this machine has {torch.cuda.device_count()})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ParamError("device", "mps was asked for but Apple's MPS is not available; use {device} cpu")
     return dev
+
+
+def check_device(device: str) -> None:
+    """A :class:`ParamError` naming the accepted forms unless ``device`` is one of them (the hardware is not
+    asked: a suite file is checked before anything runs)."""
+    kind, _, index = str(device).partition(":")
+    if device != "auto" and (kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit()))):
+        raise ParamError("device", f"unknown device {device!r}; use {DEVICE_FORMS}")
+
+
+def position_limit(config: Any) -> int | None:
+    """The most tokens (special tokens included) the model's position embeddings can take, if it has any."""
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if getattr(config, "model_type", None) in PADDED_POSITIONS:
+        n -= int(getattr(config, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def usable_length(max_length: int, config: Any, name: str = "the model") -> int:
+    """``max_length``, or the model's position limit with a :class:`ProbekitWarning` when it is longer."""
+    limit = position_limit(config)
+    if limit is None or max_length <= limit:
+        return max_length
+    warnings.warn(
+        f"max_length {max_length} is more than {name} takes ({limit} positions); using {limit}",
+        ProbekitWarning,
+        stacklevel=3,
+    )
+    return limit
+
+
+def check_encoder(config: Any, source: str) -> None:
+    """Refuse encoder-decoder and decoder-only checkpoints in one line: probekit probes encoders."""
+    from transformers.models.auto.modeling_auto import (  # deferred: transformers takes seconds to import
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder model"
+    elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        kind = "a decoder-only model"
+    else:
+        return
+    raise ProbekitError(
+        f"{source} is {kind} ({model_type}); probekit probes {ARCHITECTURES}; " + "give {model} such a model",
+        params=("model",),
+    )
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -138,6 +200,10 @@ class Backbone:
     def hidden_size(self) -> int:
         return int(getattr(self.config, "hidden_size", None) or self.config.dim)
 
+    def usable_length(self, max_length: int) -> int:
+        """``max_length`` capped at the model's positions (with a warning when it is more)."""
+        return usable_length(max_length, self.config, repr(self.name))
+
     def info(self) -> dict[str, Any]:
         """What the cache manifest records about the model."""
         return {
@@ -172,7 +238,9 @@ def load_backbone(
     dt = resolve_dtype(dtype, dev)
     source = model_source(source)
     mdl = from_pretrained(AutoModel, source, trust_remote_code=trust_remote_code)
+    check_encoder(mdl.config, source)
     tok = from_pretrained(AutoTokenizer, source, trust_remote_code=trust_remote_code)
+    check_tokenizer(tok, source)
     revision = getattr(mdl.config, "_commit_hash", None)
     return Backbone(
         model=mdl,
@@ -183,6 +251,17 @@ def load_backbone(
         device=dev,
         dtype=dt,
     )
+
+
+def check_tokenizer(tokenizer: Any, source: str) -> None:
+    """Refuse a tokenizer with no vocabulary beyond its special tokens: what transformers builds, without a
+    word, from a folder whose tokenizer files are missing (every text would become [UNK])."""
+    vocab = tokenizer.get_vocab()
+    if len(vocab) <= len(set(tokenizer.all_special_tokens)):
+        raise ProbekitError(
+            f"{source} has no tokenizer (no tokenizer.json, vocab.txt or similar: only {len(vocab)} special "
+            "tokens); save the model's tokenizer into it (tokenizer.save_pretrained(DIR))"
+        )
 
 
 def model_source(model: str | Path) -> str:
@@ -206,7 +285,7 @@ def from_pretrained(auto_cls: Any, source: str, **kwargs: Any) -> Any:
     try:
         with quiet_hub():
             return auto_cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise _load_error(source, local, e) from None
 
 
@@ -231,6 +310,11 @@ def _load_error(source: str, is_local: bool, err: Exception) -> ProbekitError:
         return ProbekitError(
             f"model {source!r} needs its own code to load; " + "pass {trust_remote_code} only if you trust it",
             params=("trust_remote_code",),
+        )
+    if isinstance(err, SafetensorError):
+        return ProbekitError(
+            f"could not load a model from {source}: its weights file is damaged or truncated ({first}); "
+            "download or save the model again"
         )
     if is_local:
         return ProbekitError(f"could not load a model from {source}: {first}")

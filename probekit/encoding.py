@@ -269,7 +269,7 @@ def encode(
     For notebooks and small jobs; ``extract`` is the cached, resumable version.
     Token-level pooling returns the real tokens of all texts concatenated ([T, L+1, D]).
     """
-    tok = tokenize(backbone.tokenizer, texts, text_pairs, max_length)
+    tok = tokenize(backbone.tokenizer, texts, text_pairs, backbone.usable_length(max_length))
     batches = plan_batches(tok.lengths, parse_batch_size(batch_size), default_max_tokens(backbone.device))
     run = Runner(backbone, tok, pool, include_special, torch.float32, Timings())
     place = Placement(np.arange(len(texts)), tok.lengths if POOLS.get(pool).token_level else None)

@@ -253,7 +253,8 @@ def _prepare(backbone: Backbone, data: TaskData, config: ExtractConfig) -> _Extr
     timings = Timings()
     t0 = time.perf_counter()
     splits = {name: split for name, split in data.splits.items() if len(split)}
-    toks = {name: tokenize(backbone.tokenizer, s.texts, s.text_pairs, config.max_length) for name, s in splits.items()}
+    max_length = backbone.usable_length(config.max_length)
+    toks = {name: tokenize(backbone.tokenizer, s.texts, s.text_pairs, max_length) for name, s in splits.items()}
     timings.tokenize = time.perf_counter() - t0
     bs = config.batch
     max_tokens = default_max_tokens(backbone.device)

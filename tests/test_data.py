@@ -83,7 +83,7 @@ GOOD = "tr\tO\tthe cat sat\nva\tO\ta dog\nte\tI\the ran\ntr\tI\tshe saw\n"
     ("content", "line", "message"),
     [
         (GOOD + "tr\tO\n", 5, "expected 3 tab-separated columns"),
-        (GOOD + "tr\tO\ta\tb\n", 5, "expected 3 tab-separated columns"),
+        (GOOD + "tr\tO\t\t\n", 5, "empty sentence"),  # more than 3 fields are SentEval's (tests/test_inputs.py)
         (GOOD.replace("va\t", "dev\t"), 2, "unknown split tag 'dev'"),
         (GOOD + "te\tO\t   \n", 5, "empty sentence"),
         (GOOD + "te\tX\tthe end\n", 5, "label 'X' of the test split never occurs in the train split"),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from probekit.data.readers import load_task
-from probekit.data.senteval import decode_lines
+from probekit.data.senteval import check_text, decode_lines
 from probekit.data.task import get_task
 from probekit.data.tokens import Tokenized
 from probekit.errors import DataError, ParamError, ProbekitError, ProbekitWarning
@@ -125,6 +125,7 @@ def read_squad(path: Path, raw: bytes) -> list[str]:
     """The ``context`` of every paragraph of a SQuAD v1.1 file (``data[*].paragraphs[*].context``)."""
     if not raw.strip():
         raise DataError(path, "empty file: expected SQuAD v1.1 JSON")
+    check_text(path, raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

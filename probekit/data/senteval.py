@@ -1,9 +1,13 @@
 """Reader for the SentEval probing format: ``split<TAB>label<TAB>sentence``.
 
-Follows SentEval's own ``PROBINGEval.loadFile``: tr/va/te become train/dev/test,
-the sentence is whitespace-tokenised and re-joined, and labels are mapped to ids by
-sorting the train split's distinct labels. Unlike SentEval, anything malformed is an
-error naming the file and line instead of a silent skip or a KeyError.
+Follows SentEval's own ``PROBINGEval.loadFile`` (``line.rstrip().split('\t')``: the split tag
+is field 0, the label field 1, the sentence the LAST field, so extra middle fields are
+ignored as SentEval ignores them): tr/va/te become train/dev/test, the sentence is
+whitespace-tokenised and re-joined, and labels are mapped to ids by sorting the train
+split's distinct labels. Files as editors save them read the same: a UTF-8 byte-order
+mark, CRLF line endings, blank lines and a last line without a newline change nothing.
+Unlike SentEval, anything malformed is an error naming the file and line instead of a
+silent skip or a KeyError.
 """
 
 from __future__ import annotations
@@ -18,11 +22,25 @@ from probekit.data.task import SPLITS, Split, Task, TaskData, check_unseen_label
 from probekit.errors import DataError, ProbekitWarning
 
 SPLIT_TAGS = {"tr": "train", "va": "dev", "te": "test"}
+BOM = b"\xef\xbb\xbf"
+BINARY_PROBE = 8192
+"""Bytes looked at for NULs: text never holds one, binary formats (safetensors, numpy, zip) do early on."""
+
+
+def check_text(path: Path, raw: bytes) -> None:
+    """A :class:`DataError` when ``raw`` is a binary file (a NUL byte near its start), not text."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # what Windows editors call "Unicode"
+        raise DataError(path, "UTF-16 text (it starts with a UTF-16 byte-order mark); re-encode the file as UTF-8")
+    if b"\x00" in raw[:BINARY_PROBE]:
+        raise DataError(path, "a binary file, not text (it holds NUL bytes); expected a UTF-8 text file")
 
 
 def decode_lines(path: Path, raw: bytes) -> list[str]:
-    """Split ``raw`` into lines and decode each as UTF-8, naming the first bad line."""
-    lines = raw.split(b"\n")
+    """Split ``raw`` into lines and decode each as UTF-8, naming the first bad line.
+
+    A leading byte-order mark and the ``\\r`` of CRLF endings are dropped; a binary file is refused."""
+    check_text(path, raw)
+    lines = raw.removeprefix(BOM).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     out = []
@@ -53,13 +71,15 @@ def read_senteval(task: Task, path: Path, unseen_labels: str = "error") -> TaskD
         if not line.strip():
             continue
         cols = line.split("\t")
-        if len(cols) != 3:
+        while len(cols) > 3 and not cols[-1].strip():  # trailing tabs: SentEval's rstrip() drops them
+            cols.pop()
+        if len(cols) < 3:
             raise DataError(
                 path,
-                f"expected 3 tab-separated columns (split, label, sentence), found {len(cols)}",
+                f"expected 3 tab-separated columns (split, label, sentence; any more are ignored), found {len(cols)}",
                 line=lineno,
             )
-        tag, label, sentence = cols
+        tag, label, sentence = cols[0], cols[1], cols[-1]
         if tag not in SPLIT_TAGS:
             raise DataError(path, f"unknown split tag {tag!r} (expected tr, va or te)", line=lineno)
         words = sentence.split()

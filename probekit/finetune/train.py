@@ -46,7 +46,7 @@ import torch
 
 from probekit import metrics as M
 from probekit._version import __version__
-from probekit.backbone import from_pretrained, model_source, quiet_hub
+from probekit.backbone import check_encoder, check_tokenizer, from_pretrained, model_source, quiet_hub, usable_length
 from probekit.config import Config, option
 from probekit.cpu import cpu_threads
 from probekit.data import Split, Task, TaskData, get_task, load_task
@@ -115,7 +115,7 @@ class TrainOptions(Config):
     eval_steps: int | None = option(None, "With max_steps: evaluate (and checkpoint) every this many steps.", ge=1)
     max_train_samples: int | None = option(None, "Train on a fixed random subset of this many examples.", ge=1)
     max_dev_samples: int | None = option(None, "Evaluate on a fixed random subset of dev.", ge=1)
-    max_length: int = option(128, "Truncate texts to this many tokens.", ge=1)
+    max_length: int = option(128, "Truncate texts to this many tokens.", ge=2)
     weight_decay: float = option(0.01, "AdamW weight decay.", ge=0)
     warmup_ratio: float = option(0.1, "Share of the steps warming the learning rate up.", ge=0, le=1)
     logging_steps: int | None = option(None, "Log the training loss every this many steps.", ge=1)
@@ -265,13 +265,16 @@ def load_classifier(source: str, data: TaskData, seed: int) -> torch.nn.Module:
         kwargs["label2id"] = {n: i for i, n in enumerate(data.label_names)}
         kwargs["problem_type"] = "single_label_classification"
     set_seed(seed)
-    return from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
+    model = from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
+    check_encoder(model.config, source)
+    return model
 
 
 def load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer  # deferred: transformers is heavy (seconds), needed only to train
 
     tok = from_pretrained(AutoTokenizer, source)
+    check_tokenizer(tok, source)
     if tok.pad_token_id is None:
         raise ProbekitError(f"the tokenizer of {source} has no padding token")
     return tok
@@ -455,6 +458,11 @@ def _task_data(task: str | Task, data_dir: Any) -> TaskData:
 
 
 def _job(source: str, data: TaskData, variant: Variant, options: TrainOptions, tokenizer: Any) -> _FinetuneJob:
+    from transformers import AutoConfig  # deferred: transformers is heavy (seconds), needed only to train
+
+    config = from_pretrained(AutoConfig, source)
+    check_encoder(config, source)
+    max_length = usable_length(options.max_length, config, repr(source))  # the model's positions, at most
     train, dev = prepare_data(data, options.max_train_samples, options.max_dev_samples)
     names = M.task_metrics(data.task)
     return _FinetuneJob(
@@ -463,8 +471,8 @@ def _job(source: str, data: TaskData, variant: Variant, options: TrainOptions, t
         train=train,
         dev=dev,
         tokenizer=tokenizer,
-        train_tok=tokenize(tokenizer, train.texts, train.text_pairs, options.max_length),
-        dev_tok=tokenize(tokenizer, dev.texts, dev.text_pairs, options.max_length),
+        train_tok=tokenize(tokenizer, train.texts, train.text_pairs, max_length),
+        dev_tok=tokenize(tokenizer, dev.texts, dev.text_pairs, max_length),
         variant=variant,
         options=options,
         metric=names[0],

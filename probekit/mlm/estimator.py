@@ -85,7 +85,9 @@ RUNTIME = ("progress",)
 
 def windows(backbone: Backbone, texts: Sequence[str] | Tokenized, max_length: int) -> Tokenized:
     """``texts`` as windows of ``max_length`` tokens (windows are passed through)."""
-    return texts if isinstance(texts, Tokenized) else window_passages(backbone.tokenizer, texts, max_length)
+    if isinstance(texts, Tokenized):
+        return texts
+    return window_passages(backbone.tokenizer, texts, backbone.usable_length(max_length))
 
 
 def windows_digest(tok: Tokenized) -> str:

@@ -168,8 +168,9 @@ def mlm_probe(
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         (out / "sweep.csv").unlink(missing_ok=True)
     write_stamp(out, stamp_settings, stamp_inputs)
-    train = window_passages(backbone.tokenizer, train_texts, cfg.max_length)
-    held = window_passages(backbone.tokenizer, heldout_texts, cfg.max_length)
+    max_length = backbone.usable_length(cfg.max_length)
+    train = window_passages(backbone.tokenizer, train_texts, max_length)
+    held = window_passages(backbone.tokenizer, heldout_texts, max_length)
     timings = {"load": time.perf_counter() - began}
     paths = {"out": out, "stamp": out / STAMP}
 

@@ -69,7 +69,7 @@ class PolicyConfig(Config):
     prior_lambda: float = option(0.1, "PALBERT (qexit): lambda_p of the geometric prior.", gt=0, le=1)
     mlp_hidden: int = option(128, "PALBERT (qexit): width of the lambda MLP.", ge=1)
     tolerance: float = option(0.1, "Patience on regression: consecutive predictions closer than this agree.", ge=0)
-    seed: int = option(0, "Seed of the learned policies' training (the run's seed overrides it).", cli=False)
+    seed: int = option(0, "Seed of the learned policies' training (the run's seed overrides it).", ge=0, cli=False)
 
 
 # ---------------------------------------------------------------- building blocks

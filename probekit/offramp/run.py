@@ -70,8 +70,8 @@ class OffRampConfig(Config):
     train_n: int | None = option(None, "Train on a random subset of this many examples.", ge=1)
     dev_n: int | None = option(None, "Evaluate on a random subset of this many dev examples.", ge=1)
     holdout: float = option(0.1, "Fraction of train held out to fit the learned policies.", ge=0, lt=1)
-    max_length: int = option(128, "Truncate texts to this many tokens.", ge=1)
-    seed: int = option(0, "Seed of subsampling, initialisation and training order.")
+    max_length: int = option(128, "Truncate texts to this many tokens.", ge=2)
+    seed: int = option(0, "Seed of subsampling, initialisation and training order.", ge=0)
     threads: int | None = option(
         None, "CPU threads for the whole run (0 = torch's default; 1 is often faster on a busy CPU).", ge=0
     )
@@ -260,7 +260,8 @@ def _run(
     reader_options = {"unseen_labels": cfg.unseen_labels, "offramp_subset": subset}
 
     t0 = time.perf_counter()
-    job = TrainingJob(backbone, data, cfg.max_length, cache_dir, out, reader_options, progress, fresh)
+    max_length = backbone.usable_length(cfg.max_length)
+    job = TrainingJob(backbone, data, max_length, cache_dir, out, reader_options, progress, fresh)
     trained = method.train(job)
     heads, encoder, states = trained.heads, trained.encoder, trained.states
     timings = {"train": time.perf_counter() - t0}
@@ -288,7 +289,7 @@ def _run(
                 fitted,
                 sweeps,
                 dev,
-                cfg.max_length,
+                max_length,
                 tcfg.measure_n,
                 tcfg.measure_batch_size,
                 tcfg.measure_points,

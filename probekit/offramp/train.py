@@ -54,7 +54,7 @@ class TrainConfig(Config):
     warmup: float = option(0.1, "Fraction of the fine-tuning steps with a linear learning-rate warm-up.", ge=0, le=1)
     dropout: float = option(0.1, "Dropout of the off-ramps.", ge=0, lt=1)
     max_grad_norm: float = option(1.0, "Gradient clipping when fine-tuning.", gt=0)
-    seed: int = option(0, "Seed of initialisation and training order (the run's seed overrides it).", cli=False)
+    seed: int = option(0, "Seed of initialisation and training order (the run's seed overrides it).", ge=0, cli=False)
     checkpoint_every: int = option(100, "Fine-tuning steps between checkpoints.", ge=1)
 
     def n_epochs(self, finetune: bool) -> int:

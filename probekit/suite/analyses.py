@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from probekit.backbone import check_device
 from probekit.config import Config, option
 from probekit.mlm import MLMConfig, mlm_probe
 from probekit.mlm.runner import MLMRunConfig
@@ -24,6 +25,9 @@ class MLMTable(Config):
     component = "[mlm]"
     corpus: tuple[str, ...] = option(help="SQuAD v1.1 JSON files, text files (one passage per line) or task names.")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+
+    def check(self) -> None:
+        check_device(self.device)
 
 
 @STEPS.register("mlm")
@@ -79,6 +83,9 @@ class OffRampTable(Config):
     modes: tuple[str, ...] = option(("frozen",), "Training methods, e.g. frozen, deebert, joint.")
     policies: str = option("all", "Comma-separated exit policies (or all).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+
+    def check(self) -> None:
+        check_device(self.device)
 
 
 @STEPS.register("offramp")

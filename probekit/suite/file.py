@@ -18,6 +18,7 @@ from typing import Any
 
 from probekit.config import Config, FieldSpec, fields_of, option
 from probekit.data import get_task
+from probekit.data.senteval import check_text
 from probekit.errors import DataError, ParamError, ProbekitError
 from probekit.plugins import load_plugins
 from probekit.suite.base import STEPS, SuiteStep, ordered_steps
@@ -176,8 +177,10 @@ def load_suite(path: str | Path, data_dir: str | Path | None = None, model: str 
     path = Path(path)
     if not path.is_file():
         raise ProbekitError(f"suite file {path} does not exist")
+    raw = path.read_bytes()
+    check_text(path, raw)
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        doc = tomllib.loads(raw.decode("utf-8-sig"))  # utf-8-sig: a byte-order mark as editors write it
     except tomllib.TOMLDecodeError as e:
         raise DataError(path, f"not valid TOML: {e}") from None
     except UnicodeDecodeError:

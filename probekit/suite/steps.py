@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from probekit import extraction, probes, report
+from probekit.backbone import check_device
 from probekit.config import Config, option
 from probekit.data import get_task, locate
 from probekit.errors import ProbekitError
@@ -168,6 +169,9 @@ class ProbeTable(Config):
     grid: tuple[float, ...] | None = option(None, "Regularisation grid (default: the kind's).", gt=0)
     options: dict[str, Any] = option(default_factory=dict, help="The probe kind's options, e.g. { max_iter = 1000 }.")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+
+    def check(self) -> None:
+        check_device(self.device)
 
 
 def _extract_keys() -> list[str]:
