@@ -29,6 +29,7 @@ from probekit._version import __version__
 from probekit.backbone import COMPUTE_DTYPES, Backbone, dtype_name, load_backbone
 from probekit.cache import (
     MANIFEST,
+    PARTIAL,
     STORAGE_DTYPES,
     ArraySpec,
     CacheWriter,
@@ -67,6 +68,7 @@ from probekit.encoding import (  # re-exported: the extraction building blocks
 )
 from probekit.errors import CacheError, ProbekitError, ProbekitWarning
 from probekit.io import read_json, remove_tree
+from probekit.paths import claim_output, slug
 
 CHECKPOINT_SECONDS = float(os.environ.get("PROBEKIT_CHECKPOINT_SECONDS", 5.0))
 SHARDS = ".shards"
@@ -217,7 +219,8 @@ def extract_task(
     settings = cache_settings(backbone, data, config, reader_options or {})
     inputs = cache_inputs(backbone, data)
     key = cache_key(settings, inputs)
-    final = Path(out) / backbone.name / cache_dir_name(data.name, config.pool, config.max_length, key)
+    # names come from the command line or a suite file: never used unescaped as folder names
+    final = Path(out) / slug(backbone.name) / cache_dir_name(slug(data.name), config.pool, config.max_length, key)
     if _complete(final, key):
         return LayerCache.open(final)
 
@@ -238,6 +241,17 @@ def extract_task(
     if dist.is_main:
         _warn_nonfinite(cache)
     return cache
+
+
+def _is_cache_entry(path: Path) -> bool:
+    """Whether an entry of a cache root is probekit's: a model folder of caches (complete, interrupted or
+    sharded), or an empty one."""
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    return not entries or any(
+        (e / MANIFEST).is_file() or e.name.endswith((PARTIAL, SHARDS)) or e.name.startswith(".") for e in entries
+    )
 
 
 def _complete(final: Path, key: str) -> bool:
@@ -629,6 +643,7 @@ def extract(
         backbone = load_backbone(
             model, device=rank_device(device, info), dtype=config.dtype, trust_remote_code=trust_remote_code, name=name
         )
+    claim_output(out, "out", _is_cache_entry, force=fresh, force_param="fresh")
     created = init_process_group(info, backbone.device)
     try:
         return [
