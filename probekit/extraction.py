@@ -29,7 +29,6 @@ from probekit._version import __version__
 from probekit.backbone import COMPUTE_DTYPES, Backbone, dtype_name, load_backbone
 from probekit.cache import (
     MANIFEST,
-    PARTIAL,
     STORAGE_DTYPES,
     ArraySpec,
     CacheWriter,
@@ -241,17 +240,6 @@ def extract_task(
     if dist.is_main:
         _warn_nonfinite(cache)
     return cache
-
-
-def _is_cache_entry(path: Path) -> bool:
-    """Whether an entry of a cache root is probekit's: a model folder of caches (complete, interrupted or
-    sharded), or an empty one."""
-    if not path.is_dir():
-        return False
-    entries = list(path.iterdir())
-    return not entries or any(
-        (e / MANIFEST).is_file() or e.name.endswith((PARTIAL, SHARDS)) or e.name.startswith(".") for e in entries
-    )
 
 
 def _complete(final: Path, key: str) -> bool:
@@ -643,7 +631,7 @@ def extract(
         backbone = load_backbone(
             model, device=rank_device(device, info), dtype=config.dtype, trust_remote_code=trust_remote_code, name=name
         )
-    claim_output(out, "out", _is_cache_entry, force=fresh, force_param="fresh")
+    claim_output(out, "out", force=fresh, force_param="fresh")
     created = init_process_group(info, backbone.device)
     try:
         return [

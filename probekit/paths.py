@@ -21,7 +21,7 @@ from probekit.errors import ParamError
 
 Kind = Literal["file", "dir", "any"]
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"(?:[^A-Za-z0-9._-]|\.{2,})+")  # a run of unsafe characters or of dots becomes one _
 _STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("probekit_strict_outputs", default=False)
 
 
@@ -29,7 +29,7 @@ def slug(name: str) -> str:
     """A file-name-safe form of an untrusted name: only ``[A-Za-z0-9._-]``, never ``.``/``..`` or a leading dot.
 
     A name that is already safe is returned unchanged (so existing caches keep their folders)."""
-    text = re.sub(r"\.{2,}", "_", _UNSAFE.sub("_", str(name))).lstrip(".")
+    text = _UNSAFE.sub("_", str(name)).lstrip(".")
     return text or "_"
 
 
@@ -70,9 +70,45 @@ def check_output(path: str | Path, param: str) -> Path:
     return path
 
 
-def foreign_entries(path: Path, owned: Callable[[Path], bool]) -> list[Path]:
-    """The entries of the folder ``path`` that ``owned`` does not recognise as probekit's (hidden files count)."""
-    if not path.is_dir():
+MARKERS = (
+    "fingerprint.json",
+    "manifest.json",
+    "progress.json",
+    "results.parquet",
+    "metrics.json",
+    "state.json",
+    "report.json",
+)
+"""Files that only probekit writes: a folder holding one (at most three levels down) is probekit's."""
+OWN_SUFFIXES = (".partial", ".shards", ".tmp")
+OWN_FILES = ("results.csv", "sweep.csv", "comparison.csv", "comparison.md", "summary.md", "index.html", "mlm_run.json")
+
+
+def probekit_wrote(entry: Path) -> bool:
+    """Whether an entry of an output folder is probekit's: hidden (temporary files, parts, stamps), a file or
+    folder named as probekit names them, an empty folder, or a folder holding one of :data:`MARKERS`."""
+    name = entry.name
+    if name.startswith(".") or name.endswith(OWN_SUFFIXES) or name in MARKERS or name in OWN_FILES:
+        return True
+    if not entry.is_dir() or entry.is_symlink():
+        return False
+    if not any(entry.iterdir()):
+        return True
+    return any((d / m).is_file() for d in (entry, *_subdirs(entry, 3)) for m in MARKERS)
+
+
+def _subdirs(root: Path, depth: int) -> list[Path]:
+    level, found = [root], []
+    for _ in range(depth):
+        level = [d for p in level for d in p.iterdir() if d.is_dir() and not d.is_symlink()]
+        found += level
+    return found
+
+
+def foreign_entries(path: Path, owned: Callable[[Path], bool] = probekit_wrote) -> list[Path]:
+    """The entries of the folder ``path`` that ``owned`` does not recognise as probekit's (none when the folder
+    itself holds one of :data:`MARKERS`: probekit wrote it, and its other files)."""
+    if not path.is_dir() or any((path / m).is_file() for m in MARKERS):
         return []
     return sorted(p for p in path.iterdir() if not owned(p))
 
@@ -88,7 +124,9 @@ def strict_outputs() -> Iterator[None]:
         _STRICT.reset(token)
 
 
-def claim_output(path: str | Path, param: str, owned: Callable[[Path], bool], force: bool, force_param: str) -> None:
+def claim_output(
+    path: str | Path, param: str, force: bool, force_param: str, owned: Callable[[Path], bool] = probekit_wrote
+) -> None:
     """Refuse (under :func:`strict_outputs`) to write into ``path`` when it holds entries probekit did not
     write, unless ``force``; called by a runner once its options are valid, before its first write."""
     path = Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -33,12 +34,14 @@ def check_paths(
     inputs: dict[str, list[Path | None] | Path | None] | None = None,
     folders: dict[str, list[Path | None] | Path | None] | None = None,
     files: dict[str, list[Path | None] | Path | None] | None = None,
+    names_or_files: dict[str, list[str] | str | None] | None = None,
     outputs: dict[str, Path | None] | None = None,
     data_dir: Path | None = None,
 ) -> None:
     """Check a command's path arguments (by parameter name) before anything is read or written: inputs that
-    may be a file or a folder, folders, files, output folders, and a data directory (which may be missing: the
-    task then says what it did not find, but it must not be a file)."""
+    may be a file or a folder, folders, files, values that are a name or a file (``--task``, ``--corpus``: an
+    existing folder is refused), output folders, and a data directory (which may be missing: the task then says
+    what it did not find, but it must not be a file)."""
 
     def each(value: list[Path | None] | Path | None) -> list[Path]:
         values = value if isinstance(value, list) else [value]
@@ -48,6 +51,10 @@ def check_paths(
         for param, value in (group or {}).items():
             for path in each(value):
                 check_input(path, param, kind)  # type: ignore[arg-type]
+    for param, value in (names_or_files or {}).items():
+        for text in [value] if isinstance(value, str) else value or []:
+            if ("/" in text or os.sep in text) and Path(text).is_dir():  # a bare name is a task name
+                raise ParamError(param, f"{text} is a folder; give a file (or a task name)")
     for param, path in (outputs or {}).items():
         if path is not None:
             check_output(path, param)

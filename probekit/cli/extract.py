@@ -45,7 +45,7 @@ def extract(
 
     Under torchrun or accelerate launch the work is sharded over the processes.
     """
-    check_paths(outputs={"out": out}, data_dir=data_dir)
+    check_paths(names_or_files={"task": task}, outputs={"out": out}, data_dir=data_dir)
     caches = run_extract(
         model,
         task,

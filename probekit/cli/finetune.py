@@ -37,7 +37,7 @@ def finetune(
 ) -> None:
     """Fine-tune an encoder on GLUE tasks (grid x seeds, best dev epoch kept), optionally with the convexity
     paper's fixes; resumable. Writes HF checkpoints that `probekit extract --model` loads."""
-    check_paths(outputs={"out": out}, data_dir=data_dir)
+    check_paths(names_or_files={"task": task}, outputs={"out": out}, data_dir=data_dir)
     try:
         given, rest = split_options(options or {}, JobOptions)
         job = JobOptions.from_mapping(given)

@@ -46,7 +46,7 @@ def mlm_probe_command(
 
     Heads are checkpointed under OUT/checkpoints: re-running the same command resumes (or only re-scores).
     """
-    check_paths(outputs={"out": out}, data_dir=data_dir)
+    check_paths(names_or_files={"corpus": corpus}, outputs={"out": out}, data_dir=data_dir)
     result = mlm_probe(
         model,
         corpus,

@@ -55,7 +55,11 @@ def offramp(
     options: dict[str, Any],
 ) -> None:
     """Off-ramps at every layer, exit policies (DeeBERT, PABEE, BERxiT, PonderNet/PALBERT) and early-exit savings."""
-    check_paths(outputs={"out": out, "figures": figures, "cache_dir": cache_dir}, data_dir=data_dir)
+    check_paths(
+        names_or_files={"task": task},
+        outputs={"out": out, "figures": figures, "cache_dir": cache_dir},
+        data_dir=data_dir,
+    )
     run = _run(
         model, task, out, mode, policies, data_dir, device, name, cache_dir, trust_remote_code, fresh, quiet, options
     )

@@ -199,7 +199,7 @@ def _probe(
     step_name = resolve_kind(template.kind)[1].step_name
 
     if out is not None:
-        claim_output(out, "out", _is_results_entry, force=not resume, force_param="fresh")
+        claim_output(out, "out", force=not resume, force_param="fresh")
     previous = _previous(out) if out is not None else None
     units = [(c, seed) for c in opened for seed in seed_list]
     others = previous
@@ -357,14 +357,6 @@ def _scan(cache: LayerCache, feats: dict[str, torch.Tensor]) -> set[int]:
     """Layers whose loaded features hold NaN/inf (the manifest may predate an edit of the data)."""
     layers = list(range(cache.n_layers))
     return {i for s in SPLITS for i in nonfinite_layers(feats[s].transpose(0, 1), layers)}
-
-
-def _is_results_entry(path: Path) -> bool:
-    """Whether an entry of a results folder is probekit's: a results table, a hidden part or temporary
-    file, or a folder of caches (a results folder may sit among them)."""
-    if path.name.startswith((".", "results.")):
-        return True
-    return path.is_dir() and (any(path.glob("*/manifest.json")) or (path / "manifest.json").is_file())
 
 
 def _previous(out: str | Path) -> pd.DataFrame | None:
