@@ -67,6 +67,7 @@ from probekit.encoding import (  # re-exported: the extraction building blocks
 )
 from probekit.errors import CacheError, ProbekitError, ProbekitWarning
 from probekit.io import read_json, remove_tree
+from probekit.paths import claim_output, slug
 
 CHECKPOINT_SECONDS = float(os.environ.get("PROBEKIT_CHECKPOINT_SECONDS", 5.0))
 SHARDS = ".shards"
@@ -217,7 +218,8 @@ def extract_task(
     settings = cache_settings(backbone, data, config, reader_options or {})
     inputs = cache_inputs(backbone, data)
     key = cache_key(settings, inputs)
-    final = Path(out) / backbone.name / cache_dir_name(data.name, config.pool, config.max_length, key)
+    # names come from the command line or a suite file: never used unescaped as folder names
+    final = Path(out) / slug(backbone.name) / cache_dir_name(slug(data.name), config.pool, config.max_length, key)
     if _complete(final, key):
         return LayerCache.open(final)
 
@@ -630,6 +632,7 @@ def extract(
         backbone = load_backbone(
             model, device=rank_device(device, info), dtype=config.dtype, trust_remote_code=trust_remote_code, name=name
         )
+    claim_output(out, "out", force=fresh, force_param="fresh")
     created = init_process_group(info, backbone.device)
     try:
         return [

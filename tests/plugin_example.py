@@ -41,6 +41,7 @@ class MarginPolicy(Policy):
     name = "margin"
     threshold_name = "t"
     classification_only = True
+    default = False  # asked for by name (policies = "margin,..."), not part of "all"
     config_class = MarginConfig
 
     def thresholds(self) -> list[float]:

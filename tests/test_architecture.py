@@ -11,7 +11,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "probekit"
 LAYERS = [
-    ["_version", "errors", "io", "registry", "config", "fingerprint", "results", "runs", "cpu", "metrics", "plugins"],
+    [
+        "_version",
+        "errors",
+        "io",
+        "paths",
+        "registry",
+        "config",
+        "fingerprint",
+        "results",
+        "runs",
+        "cpu",
+        "metrics",
+        "plugins",
+    ],
     ["data"],
     ["backbone", "encoding", "cache", "distributed", "extraction"],
     ["probes", "mlm", "offramp", "finetune"],

@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from probekit._version import __version__
 from probekit.cli.options import flags_of
 from probekit.errors import ProbekitError
+from probekit.paths import strict_outputs
 from probekit.plugins import load_plugins
 
 
@@ -37,7 +38,8 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with strict_outputs():  # refuse to write into a folder holding things probekit did not write
+                return super().invoke(ctx)
         except ProbekitError as e:
             flags = {"fresh": "--fresh", "resume": "--resume", **flags_of(self.resolved)}
             typer.echo(f"error: {e.render(flags)}", err=True)

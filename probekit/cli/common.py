@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from probekit.errors import ProbekitError
+from probekit.errors import ParamError, ProbekitError
+from probekit.paths import check_input, check_output
 
 DataDir = Annotated[
     Path | None,
@@ -26,6 +28,38 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 console = Console(stderr=False)
 PATH_COLUMNS = ("cache", "checkpoint", "path", "report", "target")
+
+
+def check_paths(
+    inputs: dict[str, list[Path | None] | Path | None] | None = None,
+    folders: dict[str, list[Path | None] | Path | None] | None = None,
+    files: dict[str, list[Path | None] | Path | None] | None = None,
+    names_or_files: dict[str, list[str] | str | None] | None = None,
+    outputs: dict[str, Path | None] | None = None,
+    data_dir: Path | None = None,
+) -> None:
+    """Check a command's path arguments (by parameter name) before anything is read or written: inputs that
+    may be a file or a folder, folders, files, values that are a name or a file (``--task``, ``--corpus``: an
+    existing folder is refused), output folders, and a data directory (which may be missing: the task then says
+    what it did not find, but it must not be a file)."""
+
+    def each(value: list[Path | None] | Path | None) -> list[Path]:
+        values = value if isinstance(value, list) else [value]
+        return [v for v in values if v is not None]
+
+    for kind, group in (("any", inputs), ("dir", folders), ("file", files)):
+        for param, value in (group or {}).items():
+            for path in each(value):
+                check_input(path, param, kind)  # type: ignore[arg-type]
+    for param, value in (names_or_files or {}).items():
+        for text in [value] if isinstance(value, str) else value or []:
+            if ("/" in text or os.sep in text) and Path(text).is_dir():  # a bare name is a task name
+                raise ParamError(param, f"{text} is a folder; give a file (or a task name)")
+    for param, path in (outputs or {}).items():
+        if path is not None:
+            check_output(path, param)
+    if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        raise ParamError("data_dir", f"{data_dir} is a file; give a folder")
 
 
 def parse_floats(text: str | None, option: str, example: str = "0.25,0.5,1") -> list[float] | None:

@@ -10,7 +10,7 @@ import typer
 
 from probekit.backbone import COMPUTE_DTYPES
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, check_paths, print_table
 from probekit.cli.options import derive
 from probekit.distributed import dist_info
 from probekit.extraction import ExtractConfig
@@ -45,6 +45,7 @@ def extract(
 
     Under torchrun or accelerate launch the work is sharded over the processes.
     """
+    check_paths(names_or_files={"task": task}, outputs={"out": out}, data_dir=data_dir)
     caches = run_extract(
         model,
         task,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Model, Quiet, print_table
+from probekit.cli.common import DataDir, Model, Quiet, check_paths, print_table
 from probekit.cli.options import derive
 from probekit.config import split_options
 from probekit.finetune import JobOptions, option_sources, variant_order
@@ -35,6 +35,7 @@ def finetune(
 ) -> None:
     """Fine-tune an encoder on GLUE tasks (grid x seeds, best dev epoch kept), optionally with the convexity
     paper's fixes; resumable. Writes HF checkpoints that `probekit extract --model` loads."""
+    check_paths(names_or_files={"task": task}, outputs={"out": out}, data_dir=data_dir)
     given, rest = split_options(options or {}, JobOptions)
     job = JobOptions.from_mapping(given)
     result = run_finetune(

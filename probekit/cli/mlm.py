@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, check_paths, print_table
 from probekit.cli.extract import DType
 from probekit.cli.options import Source, derive
 from probekit.mlm import MLMConfig, MLMRunConfig, mlm_probe
@@ -46,6 +46,7 @@ def mlm_probe_command(
 
     Heads are checkpointed under OUT/checkpoints: re-running the same command resumes (or only re-scores).
     """
+    check_paths(names_or_files={"corpus": corpus}, outputs={"out": out}, data_dir=data_dir)
     result = mlm_probe(
         model,
         corpus,

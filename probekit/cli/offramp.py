@@ -10,11 +10,12 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, check_paths, print_table
 from probekit.cli.options import derive
 from probekit.offramp.methods import TRAINING_METHODS
 from probekit.offramp.policies import EXIT_POLICIES
 from probekit.offramp.run import option_sources, run_offramp, summarize
+from probekit.paths import slug
 from probekit.plot import save_figures
 
 
@@ -54,6 +55,11 @@ def offramp(
     options: dict[str, Any],
 ) -> None:
     """Off-ramps at every layer, exit policies (DeeBERT, PABEE, BERxiT, PonderNet/PALBERT) and early-exit savings."""
+    check_paths(
+        names_or_files={"task": task},
+        outputs={"out": out, "figures": figures, "cache_dir": cache_dir},
+        data_dir=data_dir,
+    )
     run = _run(
         model, task, out, mode, policies, data_dir, device, name, cache_dir, trust_remote_code, fresh, quiet, options
     )
@@ -61,7 +67,7 @@ def offramp(
     paths = []
     method = str(df["mode"].iloc[0])
     if figures is not None:
-        stem = f"offramp_{df['task'].iloc[0]}_{df['model'].iloc[0]}_{method}"
+        stem = slug(f"offramp_{df['task'].iloc[0]}_{df['model'].iloc[0]}_{method}")  # names never reach a path
         paths = save_figures(df, figures, stem=stem)
     per_layer, best = summarize(df)
     print_table(per_layer, title="metric by exit layer")

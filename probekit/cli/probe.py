@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from probekit.cli import app
-from probekit.cli.common import Device, Quiet
+from probekit.cli.common import Device, Quiet, check_paths
 from probekit.cli.options import derive
 from probekit.config import Config
 from probekit.distributed import dist_info
@@ -48,6 +48,8 @@ def probe(
     options: dict[str, Any],
 ) -> None:
     """Train a probe on every layer of every cached task (SentEval protocol) and print test accuracy."""
+    # a missing cache folder is the library's to report (it names what it looked for)
+    check_paths(folders={"caches": [c for c in caches if c.exists()]}, outputs={"out": out})
     run = run_probe(
         caches,
         kind=str(kind.value),

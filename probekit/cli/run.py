@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Quiet, print_table
+from probekit.cli.common import DataDir, Quiet, check_paths, print_table
 from probekit.suite import run_suite
 
 
@@ -26,6 +26,7 @@ def run(
     Steps already done are skipped, so an interrupted study resumes. Relative paths in the file are
     relative to the file.
     """
+    check_paths(files={"suite": suite}, data_dir=data_dir)
     result = run_suite(suite, data_dir=data_dir, model=model, progress=not quiet)
     print_table(
         [

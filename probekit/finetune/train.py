@@ -63,6 +63,7 @@ from probekit.finetune.variants import (
 )
 from probekit.fingerprint import check, fingerprint, normalize, read_stamp, write_stamp
 from probekit.io import _UMASK, read_json, remove_tree, replace_dir, write_json
+from probekit.paths import claim_output
 from probekit.registry import Registry
 from probekit.results import tidy
 from probekit.runs import Run
@@ -666,6 +667,7 @@ def finetune(
     variant_list = _variants(variants, variant_params)
     source = model_source(model)
     out = Path(out)
+    claim_output(out, "out", force=fresh, force_param="fresh")
     with cpu_threads(threads or None):
         results = _finetune_all(source, task_list, variant_list, seed_list, out, opts, data_dir, fresh)
     table = write_comparison(out)

@@ -27,6 +27,7 @@ from probekit.errors import ParamError
 from probekit.fingerprint import STAMP, read_stamp, resume_rule, write_stamp
 from probekit.io import atomic_path, sha256_json, write_json
 from probekit.mlm.estimator import MLMConfig, MLMHeadProbe, check_inputs, windows_digest
+from probekit.paths import claim_output
 from probekit.results import CSV, PARQUET, save_results, tidy
 from probekit.runs import Run
 
@@ -162,6 +163,7 @@ def mlm_probe(
     run_settings = {k: v for k, v in run_cfg.to_dict().items() if k not in IO_OPTIONS}
     stamp_settings = {"probe": base.settings(), **run_settings}
     stamp_inputs = {"model": backbone.fingerprint, "corpus": data.sha256}
+    claim_output(out, "out", force=fresh, force_param="fresh")
     if not fresh:
         check_inputs(read_stamp(out), stamp_inputs, where=out, what="MLM-probe results")
     if resume_rule(out, stamp_settings, stamp_inputs, fresh=fresh, what="MLM-probe results") == "fresh":

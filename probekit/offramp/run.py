@@ -56,6 +56,7 @@ from probekit.offramp.heads import OffRampHeads, Record, record
 from probekit.offramp.methods import TRAINING_METHODS, FrozenMethod, TrainingJob, TrainingMethod
 from probekit.offramp.policies import EXIT_POLICIES, Policy, PolicyConfig, SweepPoint
 from probekit.offramp.train import TrainConfig
+from probekit.paths import claim_output
 from probekit.results import row, save_results, tidy
 from probekit.runs import Run
 
@@ -232,6 +233,7 @@ def _run(
 ) -> Run:
     started = time.perf_counter()
     ckpt.refuse_pickles(out, fresh=fresh)
+    claim_output(out, "out", force=fresh, force_param="fresh")
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
     seed = cfg.seed

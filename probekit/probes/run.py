@@ -34,6 +34,7 @@ from probekit.distributed import balance, barrier, destroy_process_group, dist_i
 from probekit.errors import CacheError, ConvergenceWarning, ParamError, ProbekitError, ProbekitWarning
 from probekit.fingerprint import differences, fingerprint
 from probekit.io import remove_tree
+from probekit.paths import claim_output
 from probekit.probes.base import ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, resolve_kind
 from probekit.results import PARQUET, load_results, save_results, tidy
@@ -197,6 +198,8 @@ def _probe(
     settings_json = json.dumps(settings, sort_keys=True)
     step_name = resolve_kind(template.kind)[1].step_name
 
+    if out is not None:
+        claim_output(out, "out", force=not resume, force_param="fresh")
     previous = _previous(out) if out is not None else None
     units = [(c, seed) for c in opened for seed in seed_list]
     others = previous

@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from probekit import analysis, plot
+from probekit.paths import slug
 from probekit.report.base import Context, FigureItem, Section, TableItem, describe, section
 
 
@@ -20,7 +21,7 @@ def _figure_name(name: str, configs: list, probe: object, pool: object) -> str:
 
 
 def _slug(*parts: object) -> str:
-    return "-".join(str(p).replace("/", "_").replace(" ", "_") for p in parts if pd.notna(p))
+    return "-".join(slug(str(p).replace("/", "_").replace(" ", "_")) for p in parts if pd.notna(p))
 
 
 def _pct(v: float) -> str:

@@ -15,6 +15,7 @@ from probekit.mlm.runner import MLMRunConfig
 from probekit.offramp import run_offramp
 from probekit.offramp.methods import TRAINING_METHODS
 from probekit.offramp.run import option_sources
+from probekit.paths import slug
 from probekit.suite.base import STEPS, SuiteRun, SuiteStep
 from probekit.suite.file import Suite, check_tasks
 from probekit.suite.steps import _data_identity, _identity
@@ -114,7 +115,7 @@ class OffRampStep(SuiteStep):
 
     def _one(self, run: SuiteRun, s: Suite, task: str, mode: str) -> None:
         cfg = self.config
-        out = s.out / "offramp" / task / mode
+        out = s.out / "offramp" / slug(task) / mode
         target = f"{task}/{mode}"
         options: dict[str, Any] = dict(self.options)
         settings = {

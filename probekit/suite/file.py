@@ -20,6 +20,7 @@ from probekit.config import Config, FieldSpec, fields_of, option
 from probekit.data import get_task
 from probekit.data.senteval import check_text
 from probekit.errors import DataError, ParamError, ProbekitError
+from probekit.paths import slug
 from probekit.plugins import load_plugins
 from probekit.suite.base import STEPS, SuiteStep, ordered_steps
 
@@ -47,6 +48,13 @@ class ModelConfig(Config):
     package: str | None = option(
         None, "A Python package whose get_model_path() gives the folder (used when installed)."
     )
+
+    def check(self) -> None:
+        if self.name and slug(self.name) != self.name:
+            # the name becomes folder names (results/NAME, NAME-TASK-sSEED): never a path or markup
+            raise ParamError(
+                "name", f"use only letters, digits, '.', '_' and '-' (e.g. {slug(self.name)!r}), got {self.name!r}"
+            )
 
 
 @dataclass
