@@ -35,6 +35,7 @@ from probekit.cache import (
     LayerCache,
     cache_dir_name,
     cache_key,
+    count_nonfinite,
     read_manifest,
 )
 from probekit.config import Config, option
@@ -219,7 +220,11 @@ def extract_task(
     key = cache_key(settings, inputs)
     final = Path(out) / backbone.name / cache_dir_name(data.name, config.pool, config.max_length, key)
     if _complete(final, key):
-        return LayerCache.open(final)
+        try:
+            return _trusted(final)
+        except CacheError as e:
+            what = str(e).split("; ")[0]  # the damage, without the advice to re-extract: done here
+            warnings.warn(f"{what}; extracting it again", ProbekitWarning, stacklevel=2)
 
     started = time.perf_counter()
     job = _prepare(backbone, data, config)
@@ -237,6 +242,15 @@ def extract_task(
     cache = LayerCache.open(final)
     if dist.is_main:
         _warn_nonfinite(cache)
+    return cache
+
+
+def _trusted(final: Path) -> LayerCache:
+    """A finished cache about to be reused, checked fully: sizes and label ids (:meth:`LayerCache.open`),
+    every file's SHA-256 against the manifest (as ``probekit cache verify``) and the NaN/inf counts. A
+    damaged cache raises a ``CacheError``; :func:`extract_task` then writes it again."""
+    cache = LayerCache.open(final, verify=True)
+    cache.check_nonfinite()
     return cache
 
 
@@ -485,22 +499,13 @@ def _finalize(
     shards: list[dict[str, Any]] | None = None,
 ) -> None:
     t0 = time.perf_counter()
-    nonfinite = {s: _count_nonfinite(writer.arrays[s]["features"]).tolist() for s in job.splits}
+    nonfinite = {s: count_nonfinite(writer.arrays[s]["features"]).tolist() for s in job.splits}
     manifest = _manifest(job, settings, inputs, nonfinite)
     if shards is not None:
         manifest["shards"] = shards
     job.timings.write += time.perf_counter() - t0
     manifest["timings"] = {**job.timings.as_dict(), "total": time.perf_counter() - started}
     writer.finalize(manifest)
-
-
-def _count_nonfinite(features: np.ndarray) -> np.ndarray:
-    """Rows per layer holding inf/NaN (e.g. float16 overflow)."""
-    bad = np.zeros(features.shape[1], dtype=np.int64)
-    for start in range(0, len(features), 4096):
-        block = np.asarray(features[start : start + 4096])
-        bad += (~np.isfinite(block)).any(axis=-1).sum(axis=0)
-    return bad
 
 
 def _warn_nonfinite(cache: LayerCache) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Model, Quiet, print_table
+from probekit.cli.common import DataDir, Model, Quiet, print_table, writing
 from probekit.cli.options import derive, flags_of
 from probekit.config import split_options
 from probekit.errors import ProbekitError
@@ -40,18 +40,19 @@ def finetune(
     try:
         given, rest = split_options(options or {}, JobOptions)
         job = JobOptions.from_mapping(given)
-        result = run_finetune(
-            model,
-            task,
-            out,
-            seeds=job.seeds,
-            variants=variant,
-            data_dir=data_dir,
-            threads=job.threads or None,
-            fresh=fresh,
-            progress=not quiet,
-            **rest,
-        )
+        with writing(out):
+            result = run_finetune(
+                model,
+                task,
+                out,
+                seeds=job.seeds,
+                variants=variant,
+                data_dir=data_dir,
+                threads=job.threads or None,
+                fresh=fresh,
+                progress=not quiet,
+                **rest,
+            )
     except ProbekitError as e:
         # the library names parameters; say them as this command's flags (the CLI's boundary does so too,
         # but misses the command when typer's own click is not the installed one)

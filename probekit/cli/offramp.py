@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Model, Quiet, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, print_table, writing
 from probekit.cli.options import derive
 from probekit.offramp.methods import TRAINING_METHODS
 from probekit.offramp.policies import EXIT_POLICIES
@@ -54,9 +54,22 @@ def offramp(
     options: dict[str, Any],
 ) -> None:
     """Off-ramps at every layer, exit policies (DeeBERT, PABEE, BERxiT, PonderNet/PALBERT) and early-exit savings."""
-    run = _run(
-        model, task, out, mode, policies, data_dir, device, name, cache_dir, trust_remote_code, fresh, quiet, options
-    )
+    with writing(out):
+        run = _run(
+            model,
+            task,
+            out,
+            mode,
+            policies,
+            data_dir,
+            device,
+            name,
+            cache_dir,
+            trust_remote_code,
+            fresh,
+            quiet,
+            options,
+        )
     df = run.results
     paths = []
     method = str(df["mode"].iloc[0])

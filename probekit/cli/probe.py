@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from probekit.cli import app
-from probekit.cli.common import Device, Quiet
+from probekit.cli.common import Device, Quiet, writing
 from probekit.cli.options import derive
 from probekit.config import Config
 from probekit.distributed import dist_info
@@ -48,17 +48,18 @@ def probe(
     options: dict[str, Any],
 ) -> None:
     """Train a probe on every layer of every cached task (SentEval protocol) and print test accuracy."""
-    run = run_probe(
-        caches,
-        kind=str(kind.value),
-        seeds=seeds,
-        device=device,
-        control=control,
-        out=out,
-        resume=resume,
-        progress=not quiet,
-        **options,
-    )
+    with writing(out):
+        run = run_probe(
+            caches,
+            kind=str(kind.value),
+            seeds=seeds,
+            device=device,
+            control=control,
+            out=out,
+            resume=resume,
+            progress=not quiet,
+            **options,
+        )
     if not dist_info().is_main:
         return
     console = Console()  # made here: it reads the terminal's width (COLUMNS) of this invocation

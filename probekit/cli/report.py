@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
+from probekit.cli.common import writing
 from probekit.cli.options import derive
 from probekit.errors import ProbekitError
 from probekit.report import ReportConfig, build_report
@@ -45,5 +46,6 @@ def report(
     options: dict[str, Any] | None = None,
 ) -> None:
     """Write an HTML report (figures, convexity and delta tables, summary.md) from results tables."""
-    path = build_report(results, out, baseline=baseline, finetune_tasks=_mapping(finetune_task), **(options or {}))
+    with writing(out):
+        path = build_report(results, out, baseline=baseline, finetune_tasks=_mapping(finetune_task), **(options or {}))
     typer.echo(f"report: {path / 'index.html'}")
