@@ -201,6 +201,9 @@ def extract_task(
     """Extract one task into ``out/<model>/<task>-<pool>-<max_length>-<key>/``, reusing or
     resuming an earlier run with the same inputs.
 
+    A finished cache is reused only once fully checked (sizes, label ids, SHA-256 of every file, NaN/inf
+    counts against its manifest); a damaged one (a flipped byte) is extracted again, with a warning.
+
     An interrupted extraction of the same cache is resumed when it was made with the same batch
     plan and refused otherwise (a :class:`~probekit.errors.ResumeError` naming what differs);
     ``fresh`` removes it and starts over. ``on_batch(split, batch_no)`` is called after each batch
@@ -219,12 +222,14 @@ def extract_task(
     inputs = cache_inputs(backbone, data)
     key = cache_key(settings, inputs)
     final = Path(out) / backbone.name / cache_dir_name(data.name, config.pool, config.max_length, key)
+    damaged = False
     if _complete(final, key):
         try:
             return _trusted(final)
         except CacheError as e:
             what = str(e).split("; ")[0]  # the damage, without the advice to re-extract: done here
             warnings.warn(f"{what}; extracting it again", ProbekitWarning, stacklevel=2)
+            damaged = True
 
     started = time.perf_counter()
     job = _prepare(backbone, data, config)
@@ -236,7 +241,7 @@ def extract_task(
         shard_root = final.with_name(final.name + SHARDS) / f"w{dist.world_size}{plan}"
         _write_shard(job, shard_root, settings, inputs, dist, progress, on_batch, fresh)
         barrier()
-        if dist.is_main and not _complete(final, key):
+        if dist.is_main and (damaged or not _complete(final, key)):
             _merge_shards(job, final, settings, inputs, shard_root, dist.world_size, started, fresh)
         barrier()
     cache = LayerCache.open(final)
