@@ -20,8 +20,7 @@ is refused with one line naming what differs, or removed with ``fresh``).
 
 from __future__ import annotations
 
-import fcntl
-import os
+import contextlib
 import typing
 import warnings
 from collections.abc import Iterator, Mapping
@@ -32,9 +31,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from probekit.errors import CacheError, ProbekitError, ProbekitWarning
+from probekit.errors import CacheError, ProbekitWarning
 from probekit.fingerprint import STAMP, check, fingerprint, read_stamp, write_stamp
-from probekit.io import read_json, remove_tree, replace_dir, sha256_file, write_json
+from probekit.io import lock_file, read_json, remove_tree, replace_dir, sha256_file, write_json
 
 FORMAT = "probekit-cache"
 VERSION = 1
@@ -103,7 +102,43 @@ class LayerCache:
                     f"cache {path}: {split} features have shape {arrays[split]['features'].shape}, "
                     f"manifest says {want}; delete the cache and re-run"
                 )
-        return cls(path, manifest, arrays)
+        cache = cls(path, manifest, arrays)
+        cache.check_labels()
+        return cache
+
+    def check_labels(self) -> None:
+        """A classification cache's label ids lie in ``0..n_classes-1`` (read cheaply: one small array per
+        split); a label id out of range would be probed as a class of its own, a silently wrong number."""
+        k = self.manifest.get("n_classes")
+        if self.manifest.get("task_type") == "regression" or not isinstance(k, int):
+            return
+        for split in self.splits:
+            labels = np.asarray(self.labels(split))
+            if not len(labels):
+                continue
+            lo, hi = labels.min(), labels.max()
+            if lo < 0 or hi >= k:
+                raise CacheError(
+                    f"cache {self.path}: {split}.labels.npy holds label id {hi if hi >= k else lo}, but the task "
+                    f"has {k} classes (ids 0..{k - 1}); the cache is corrupt: delete it and re-run probekit extract"
+                )
+
+    def check_nonfinite(self) -> None:
+        """Each split's rows with NaN/inf per layer match the counts its manifest recorded when it was written:
+        a changed count means the features were altered since (a flipped byte, a partial copy)."""
+        for split in self.splits:
+            want = self.manifest["splits"][split].get("nonfinite_rows_per_layer")
+            if want is None:
+                continue
+            feats = self.features(split)
+            if isinstance(feats, torch.Tensor):
+                feats = feats.detach().cpu().numpy()
+            got = count_nonfinite(feats).tolist()
+            if got != list(want):
+                raise CacheError(
+                    f"cache {self.path}: {split}.features.npy has NaN/inf rows per layer {got}, its manifest "
+                    f"recorded {list(want)}; the cache is corrupt: delete it and re-run probekit extract"
+                )
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = torch.float32) -> LayerCache:
         """A copy with every array as a torch tensor on ``device`` (features cast to ``dtype``)."""
@@ -193,6 +228,15 @@ class LayerCache:
             f"LayerCache(task={self.task!r}, model={self.model!r}, pool={self.pool!r}, "
             f"layers={self.n_layers}, dim={self.hidden_size}, {counts})"
         )
+
+
+def count_nonfinite(features: np.ndarray) -> np.ndarray:
+    """Rows per layer holding inf/NaN (e.g. float16 overflow), read in blocks of 4096 rows."""
+    bad = np.zeros(features.shape[1], dtype=np.int64)
+    for start in range(0, len(features), 4096):
+        block = np.asarray(features[start : start + 4096])
+        bad += (~np.isfinite(block)).any(axis=-1).sum(axis=0)
+    return bad
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -314,18 +358,13 @@ class CacheWriter:
         self.layout = layout
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
         self.done: dict[str, int] = {}
-        self._lock_fd: int | None = None
+        self._lock: contextlib.ExitStack | None = None
 
     def __enter__(self) -> CacheWriter:
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.final.with_name(self.final.name + ".lock")
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ProbekitError(f"another probekit process is writing {self.final}; wait for it to finish") from None
-        self._lock_fd = fd
+        stack = contextlib.ExitStack()
+        stack.enter_context(lock_file(self.final.with_name(self.final.name + ".lock"), self.final))
+        self._lock = stack
         try:
             self._open_partial()
         except BaseException:
@@ -335,11 +374,9 @@ class CacheWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.arrays.clear()  # drop the memory maps (they flush on close)
-        if self._lock_fd is not None:
-            lock = self.final.with_name(self.final.name + ".lock")
-            lock.unlink(missing_ok=True)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @property
     def resumed(self) -> bool:

@@ -35,6 +35,7 @@ from probekit.cache import (
     LayerCache,
     cache_dir_name,
     cache_key,
+    count_nonfinite,
     read_manifest,
 )
 from probekit.config import Config, option
@@ -201,6 +202,9 @@ def extract_task(
     """Extract one task into ``out/<model>/<task>-<pool>-<max_length>-<key>/``, reusing or
     resuming an earlier run with the same inputs.
 
+    A finished cache is reused only once fully checked (sizes, label ids, SHA-256 of every file, NaN/inf
+    counts against its manifest); a damaged one (a flipped byte) is extracted again, with a warning.
+
     An interrupted extraction of the same cache is resumed when it was made with the same batch
     plan and refused otherwise (a :class:`~probekit.errors.ResumeError` naming what differs);
     ``fresh`` removes it and starts over. ``on_batch(split, batch_no)`` is called after each batch
@@ -220,8 +224,14 @@ def extract_task(
     key = cache_key(settings, inputs)
     # names come from the command line or a suite file: never used unescaped as folder names
     final = Path(out) / slug(backbone.name) / cache_dir_name(slug(data.name), config.pool, config.max_length, key)
+    damaged = False
     if _complete(final, key):
-        return LayerCache.open(final)
+        try:
+            return _trusted(final)
+        except CacheError as e:
+            what = str(e).split("; ")[0]  # the damage, without the advice to re-extract: done here
+            warnings.warn(f"{what}; extracting it again", ProbekitWarning, stacklevel=2)
+            damaged = True
 
     started = time.perf_counter()
     job = _prepare(backbone, data, config)
@@ -233,12 +243,21 @@ def extract_task(
         shard_root = final.with_name(final.name + SHARDS) / f"w{dist.world_size}{plan}"
         _write_shard(job, shard_root, settings, inputs, dist, progress, on_batch, fresh)
         barrier()
-        if dist.is_main and not _complete(final, key):
+        if dist.is_main and (damaged or not _complete(final, key)):
             _merge_shards(job, final, settings, inputs, shard_root, dist.world_size, started, fresh)
         barrier()
     cache = LayerCache.open(final)
     if dist.is_main:
         _warn_nonfinite(cache)
+    return cache
+
+
+def _trusted(final: Path) -> LayerCache:
+    """A finished cache about to be reused, checked fully: sizes and label ids (:meth:`LayerCache.open`),
+    every file's SHA-256 against the manifest (as ``probekit cache verify``) and the NaN/inf counts. A
+    damaged cache raises a ``CacheError``; :func:`extract_task` then writes it again."""
+    cache = LayerCache.open(final, verify=True)
+    cache.check_nonfinite()
     return cache
 
 
@@ -488,22 +507,13 @@ def _finalize(
     shards: list[dict[str, Any]] | None = None,
 ) -> None:
     t0 = time.perf_counter()
-    nonfinite = {s: _count_nonfinite(writer.arrays[s]["features"]).tolist() for s in job.splits}
+    nonfinite = {s: count_nonfinite(writer.arrays[s]["features"]).tolist() for s in job.splits}
     manifest = _manifest(job, settings, inputs, nonfinite)
     if shards is not None:
         manifest["shards"] = shards
     job.timings.write += time.perf_counter() - t0
     manifest["timings"] = {**job.timings.as_dict(), "total": time.perf_counter() - started}
     writer.finalize(manifest)
-
-
-def _count_nonfinite(features: np.ndarray) -> np.ndarray:
-    """Rows per layer holding inf/NaN (e.g. float16 overflow)."""
-    bad = np.zeros(features.shape[1], dtype=np.int64)
-    for start in range(0, len(features), 4096):
-        block = np.asarray(features[start : start + 4096])
-        bad += (~np.isfinite(block)).any(axis=-1).sum(axis=0)
-    return bad
 
 
 def _warn_nonfinite(cache: LayerCache) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from probekit.distributed import dist_info
 from probekit.errors import ParamError, ProbekitError
+from probekit.io import exclusive
 from probekit.paths import check_input, check_output
 
 DataDir = Annotated[
@@ -84,3 +87,9 @@ def print_table(rows: list[dict[str, object]], title: str | None = None) -> None
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
+
+
+def writing(out: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock a command holds on its output folder (:func:`probekit.io.exclusive`): another probekit
+    process writing ``out`` at the same time is refused in one line. Under torchrun only rank 0 locks."""
+    return exclusive(out) if dist_info().is_main else contextlib.nullcontext()

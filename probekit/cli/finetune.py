@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Model, Quiet, check_paths, print_table
+from probekit.cli.common import DataDir, Model, Quiet, check_paths, print_table, writing
 from probekit.cli.options import derive
 from probekit.config import split_options
 from probekit.finetune import JobOptions, option_sources, variant_order
@@ -38,18 +38,19 @@ def finetune(
     check_paths(names_or_files={"task": task}, outputs={"out": out}, data_dir=data_dir)
     given, rest = split_options(options or {}, JobOptions)
     job = JobOptions.from_mapping(given)
-    result = run_finetune(
-        model,
-        task,
-        out,
-        seeds=job.seeds,
-        variants=variant,
-        data_dir=data_dir,
-        threads=job.threads or None,
-        fresh=fresh,
-        progress=not quiet,
-        **rest,
-    )
+    with writing(out):
+        result = run_finetune(
+            model,
+            task,
+            out,
+            seeds=job.seeds,
+            variants=variant,
+            data_dir=data_dir,
+            threads=job.threads or None,
+            fresh=fresh,
+            progress=not quiet,
+            **rest,
+        )
     print_table(
         [
             {

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Model, Quiet, check_paths, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, check_paths, print_table, writing
 from probekit.cli.extract import DType
 from probekit.cli.options import Source, derive
 from probekit.mlm import MLMConfig, MLMRunConfig, mlm_probe
@@ -47,19 +47,20 @@ def mlm_probe_command(
     Heads are checkpointed under OUT/checkpoints: re-running the same command resumes (or only re-scores).
     """
     check_paths(names_or_files={"corpus": corpus}, outputs={"out": out}, data_dir=data_dir)
-    result = mlm_probe(
-        model,
-        corpus,
-        out,
-        data_dir=data_dir,
-        device=device,
-        dtype=dtype.value,
-        name=name,
-        trust_remote_code=trust_remote_code,
-        fresh=fresh,
-        progress=not quiet,
-        **options,
-    )
+    with writing(out):
+        result = mlm_probe(
+            model,
+            corpus,
+            out,
+            data_dir=data_dir,
+            device=device,
+            dtype=dtype.value,
+            name=name,
+            trust_remote_code=trust_remote_code,
+            fresh=fresh,
+            progress=not quiet,
+            **options,
+        )
     if result.sweep is not None:
         print_table(
             [

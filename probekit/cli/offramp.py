@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import DataDir, Device, Model, Quiet, check_paths, print_table
+from probekit.cli.common import DataDir, Device, Model, Quiet, check_paths, print_table, writing
 from probekit.cli.options import derive
 from probekit.offramp.methods import TRAINING_METHODS
 from probekit.offramp.policies import EXIT_POLICIES
@@ -60,9 +60,22 @@ def offramp(
         outputs={"out": out, "figures": figures, "cache_dir": cache_dir},
         data_dir=data_dir,
     )
-    run = _run(
-        model, task, out, mode, policies, data_dir, device, name, cache_dir, trust_remote_code, fresh, quiet, options
-    )
+    with writing(out):
+        run = _run(
+            model,
+            task,
+            out,
+            mode,
+            policies,
+            data_dir,
+            device,
+            name,
+            cache_dir,
+            trust_remote_code,
+            fresh,
+            quiet,
+            options,
+        )
     df = run.results
     paths = []
     method = str(df["mode"].iloc[0])

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from probekit.cli import app
-from probekit.cli.common import Device, Quiet, check_paths
+from probekit.cli.common import Device, Quiet, check_paths, writing
 from probekit.cli.options import derive
 from probekit.config import Config
 from probekit.distributed import dist_info
@@ -50,17 +50,18 @@ def probe(
     """Train a probe on every layer of every cached task (SentEval protocol) and print test accuracy."""
     # a missing cache folder is the library's to report (it names what it looked for)
     check_paths(folders={"caches": [c for c in caches if c.exists()]}, outputs={"out": out})
-    run = run_probe(
-        caches,
-        kind=str(kind.value),
-        seeds=seeds,
-        device=device,
-        control=control,
-        out=out,
-        resume=resume,
-        progress=not quiet,
-        **options,
-    )
+    with writing(out):
+        run = run_probe(
+            caches,
+            kind=str(kind.value),
+            seeds=seeds,
+            device=device,
+            control=control,
+            out=out,
+            resume=resume,
+            progress=not quiet,
+            **options,
+        )
     if not dist_info().is_main:
         return
     console = Console()  # made here: it reads the terminal's width (COLUMNS) of this invocation

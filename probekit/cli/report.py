@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import check_paths
+from probekit.cli.common import check_paths, writing
 from probekit.cli.options import derive
 from probekit.errors import ProbekitError
 from probekit.report import ReportConfig, build_report
@@ -47,5 +47,6 @@ def report(
 ) -> None:
     """Write an HTML report (figures, convexity and delta tables, summary.md) from results tables."""
     check_paths(inputs={"results": results, "baseline": baseline}, outputs={"out": out})
-    path = build_report(results, out, baseline=baseline, finetune_tasks=_mapping(finetune_task), **(options or {}))
+    with writing(out):
+        path = build_report(results, out, baseline=baseline, finetune_tasks=_mapping(finetune_task), **(options or {}))
     typer.echo(f"report: {path / 'index.html'}")

@@ -293,8 +293,17 @@ def _compute_metrics(names: list[str], regression: bool):  # type: ignore[no-unt
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    """The newest complete Trainer checkpoint: the Trainer writes ``trainer_state.json`` last and not
+    atomically, so one a kill cut short (missing, or not valid JSON) is never resumed from."""
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and _readable_state(p / "trainer_state.json")]
     return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1])) if found else None
+
+
+def _readable_state(path: Path) -> bool:
+    try:
+        return isinstance(read_json(path), dict)
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass

@@ -68,7 +68,9 @@ def open_caches(caches: str | Path | LayerCache | Iterable[str | Path | LayerCac
 
 
 def check_cache(cache: LayerCache) -> set[int]:
-    """Raise for a cache the protocol cannot use; return the layers its manifest says hold NaN/inf."""
+    """Raise for a cache the protocol cannot use (label ids out of range included) and warn about one whose
+    NaN/inf counts differ from its manifest's (altered since it was written; the layers the loaded features
+    show NaN/inf in are left out, see :func:`_scan`); return the layers its manifest says hold NaN/inf."""
     task = f"{cache.task} ({cache.path})"
     if cache.pool == "tokens":
         raise CacheError(f"{task} is a token-level cache; probe sentence features (extract with --pool mean or cls)")
@@ -84,6 +86,11 @@ def check_cache(cache: LayerCache) -> set[int]:
         raise ProbekitError(
             f"{task}: every train example has the same label ({classes[0]}); a probe needs at least two classes"
         )
+    cache.check_labels()
+    try:
+        cache.check_nonfinite()
+    except CacheError as e:
+        warnings.warn(str(e), ProbekitWarning, stacklevel=3)
     bad = set()
     for split in SPLITS:
         counts = cache.manifest["splits"][split].get("nonfinite_rows_per_layer") or []

@@ -53,6 +53,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from probekit.cpu import cpu_threads
+from probekit.io import exclusive
 from probekit.results import empty_results, load_results
 from probekit.runs import Run
 from probekit.suite import analyses as _analyses
@@ -78,7 +79,7 @@ def run_suite(
     s = suite if isinstance(suite, Suite) else load_suite(suite, data_dir=data_dir, model=model)
     state = SuiteRun(s, progress=progress)
     state.models[s.model_name] = {"path": s.model, "task": None, "variant": None, "seed": None}
-    with cpu_threads(s.threads):
+    with exclusive(s.out), cpu_threads(s.threads):  # another probekit run on the same work folder is refused
         for step in s.steps.values():
             step.run(state)
     folders = [p for paths in state.results.values() for p in paths if (p / "results.parquet").is_file()]
