@@ -80,21 +80,22 @@ MARKERS = (
     "report.json",
 )
 """Files that only probekit writes: a folder holding one (at most three levels down) is probekit's."""
-OWN_SUFFIXES = (".partial", ".shards", ".tmp")
+OWN_SUFFIXES = (".partial", ".shards", ".tmp", ".lock")
 OWN_FILES = ("results.csv", "sweep.csv", "comparison.csv", "comparison.md", "summary.md", "index.html", "mlm_run.json")
 
 
-def probekit_wrote(entry: Path) -> bool:
+def probekit_wrote(entry: Path, depth: int = 3) -> bool:
     """Whether an entry of an output folder is probekit's: hidden (temporary files, parts, stamps), a file or
-    folder named as probekit names them, an empty folder, or a folder holding one of :data:`MARKERS`."""
+    folder named as probekit names them (locks, partial caches), a folder holding one of :data:`MARKERS` (at
+    most ``depth`` levels down), or a folder all of whose entries are probekit's (an interrupted run's)."""
     name = entry.name
     if name.startswith(".") or name.endswith(OWN_SUFFIXES) or name in MARKERS or name in OWN_FILES:
         return True
     if not entry.is_dir() or entry.is_symlink():
         return False
-    if not any(entry.iterdir()):
+    if any((d / m).is_file() for d in (entry, *_subdirs(entry, depth)) for m in MARKERS):
         return True
-    return any((d / m).is_file() for d in (entry, *_subdirs(entry, 3)) for m in MARKERS)
+    return depth > 0 and all(probekit_wrote(child, depth - 1) for child in entry.iterdir())
 
 
 def _subdirs(root: Path, depth: int) -> list[Path]:

@@ -18,10 +18,13 @@ HELD: list[int] = []
 """File descriptors of the locks the rows hold (as another probekit process would) while the command runs."""
 
 
-def _hold(folder: str) -> Callable[[Path], None]:
-    """Hold the lock of ``tmp/folder`` (probekit.io.exclusive's lock file) as a running probekit would."""
+def _hold(folder: str, inputs: tuple[str, ...] = ()) -> Callable[[Path], None]:
+    """Hold the lock of ``tmp/folder`` (probekit.io.exclusive's lock file) as a running probekit would; make the
+    ``inputs`` folders, so that the command gets as far as its output."""
 
     def setup(tmp: Path) -> None:
+        for name in inputs:
+            (tmp / name).mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp / f".{folder}.lock", os.O_CREAT | os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, b"4242\n")
@@ -71,7 +74,7 @@ CASES: list[Case] = [
     ),
     Case("lock-held-offramp", ["offramp", "-m", "{model}", "-t", "sst2", "-o", "{tmp}/out"], _LOCKED, _hold("out")),
     Case("lock-held-finetune", ["finetune", "-m", "{model}", "-t", "cola", "-o", "{tmp}/out"], _LOCKED, _hold("out")),
-    Case("lock-held-report", ["report", "{tmp}/results", "--out", "{tmp}/out"], _LOCKED, _hold("out")),
+    Case("lock-held-report", ["report", "{tmp}/tables", "--out", "{tmp}/out"], _LOCKED, _hold("out", ("tables",))),
     Case(
         "cache-label-id-out-of-range",
         ["probe", "{tmp}/caches", *_RESULTS],

@@ -10,6 +10,8 @@ import pytest
 from tests.helpers import make_tiny_bert, toy_senteval
 
 REPO = Path(__file__).resolve().parents[1]
+# tests fork (tests/test_interrupts.py): no tokenizer thread pool that a forked child could inherit mid-lock
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _shared_data() -> Path:
