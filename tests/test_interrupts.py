@@ -1,19 +1,25 @@
 """Interruptions: an extraction SIGKILLed at any moment resumes to a byte-identical cache; two processes
 writing the same output folder never both write it; a cache about to be trusted is checked.
 
-The killed runs are ``probekit extract`` invocations in child processes forked from the test (the CLI's own
-code path, a real process killed by SIGKILL), so that a kill point costs milliseconds, not an interpreter start;
-the lock test runs two real ``python -m probekit`` subprocesses.
+The killed runs are ``probekit`` invocations (the CLI's own code path, a real process killed by SIGKILL) in
+children forked by a fork server that imported probekit once and never ran a model (multiprocessing's
+``forkserver``), so a kill point costs milliseconds, not an interpreter start, and no child inherits the test
+process's thread pools (forking a process whose OpenMP pool has run is not safe); the lock test runs two real
+``python -m probekit`` subprocesses.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import multiprocessing
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,48 +57,61 @@ def _extract_args(model: Path, task: Path, out: Path) -> list[str]:
     ]
 
 
-def _fork(args: list[str], env: dict[str, str] | None = None, patch: Callable[[], None] | None = None) -> int:
-    """Run ``probekit ARGS`` in a forked child; return its pid."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
+_SERVER = multiprocessing.get_context("forkserver")
+_SERVER.set_forkserver_preload(["probekit.cli", "tests.test_interrupts"])
+
+
+def _child(args: list[str], env: dict[str, str] | None, patch: Callable[[], None] | None) -> None:
+    """A forked child: run ``probekit ARGS`` (a checkpoint after every batch) and exit with its code."""
+    code = 3
+    try:
+        os.environ.update(env or {})
+        ex.CHECKPOINT_SECONDS = 0.0
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        if patch is not None:
+            patch()
+        rc = app(args=args, prog_name="probekit", standalone_mode=False)
+        code = rc if isinstance(rc, int) else 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 3
+    except BaseException:
         code = 3
-        try:
-            os.environ.update(env or {})
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            if patch is not None:
-                patch()
-            rc = app(args=args, prog_name="probekit", standalone_mode=False)
-            code = rc if isinstance(rc, int) else 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 3
-        except BaseException:
-            code = 3
-        finally:
-            os._exit(code)
-    return pid
+    finally:
+        os._exit(code)
+
+
+def _fork(
+    args: list[str], env: dict[str, str] | None = None, patch: Callable[[], None] | None = None
+) -> multiprocessing.process.BaseProcess:
+    """Run ``probekit ARGS`` in a child forked by the fork server; return the process."""
+    proc = _SERVER.Process(target=_child, args=(args, env, patch), daemon=True)
+    proc.start()
+    return proc
 
 
 HANG_SECONDS = 90.0
 HUNG = -1000
-"""What :func:`_wait` returns for a child that did not end in time: a forked copy of a process with threads can
-deadlock (the test's fork trick, not probekit), so such a child is killed (one more kill point) and rerun."""
+"""What :func:`_wait` returns for a child that did not end in time (a safety net: a stuck child is killed, one more
+kill point, and rerun, so that no test waits forever)."""
 
 
-def _wait(pid: int, timeout: float = HANG_SECONDS) -> int:
+def _wait(proc: multiprocessing.process.BaseProcess, timeout: float = HANG_SECONDS) -> int:
     """The child's exit code, or minus the signal that killed it; :data:`HUNG` (after killing it) when it has not
     ended within ``timeout`` seconds, so that no child ever outlives its test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return HUNG
-        time.sleep(0.02)
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        return HUNG
+    return int(proc.exitcode)
+
+
+def _wait_pid(pid: int) -> int:
+    """An ``os.fork`` child's exit code, or minus the signal that killed it."""
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _complete(args: list[str], env: dict[str, str] | None = None, patch: Callable[[], None] | None = None) -> int:
@@ -124,24 +143,23 @@ def _arrays(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(_cache_dir(out).glob("*.npy"))}
 
 
-def _suicide_in(module: object, name: str) -> Callable[[], None]:
-    """A patch making ``module.name`` SIGKILL the process when called (a kill point inside the finalize)."""
-
-    def patch() -> None:
-        def die(*args: object, **kwargs: object) -> None:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        setattr(module, name, die)
-
-    return patch
+def _die(*args: object, **kwargs: object) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_extraction_killed_anywhere_resumes_to_a_byte_identical_cache(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(ex, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every batch (inherited by the forks)
+def _patch_to_die(module: str, name: str) -> None:
+    setattr(importlib.import_module(module), name, _die)
+
+
+def _suicide_in(module: types.ModuleType, name: str) -> Callable[[], None]:
+    """A patch (picklable, for the fork server) making ``module.name`` SIGKILL the process when called."""
+    return functools.partial(_patch_to_die, module.__name__, name)
+
+
+def test_extraction_killed_anywhere_resumes_to_a_byte_identical_cache(tiny_model: Path, tmp_path: Path) -> None:
     task = toy_senteval(tmp_path / "toy task é.txt", n=N)
     ref_out = tmp_path / "ref"
+    assert _complete(["--version"]) == 0  # the fork server is up before the reference run is timed
     t0 = time.perf_counter()
     assert _complete(_extract_args(tiny_model, task, ref_out)) == 0
     duration = time.perf_counter() - t0
@@ -159,11 +177,11 @@ def test_extraction_killed_anywhere_resumes_to_a_byte_identical_cache(
     tried = identical = 0
     for i, (where, env, patch, at) in enumerate(points):
         out = tmp_path / f"run{i}"
-        pid = _fork(_extract_args(tiny_model, task, out), env, patch)
+        proc = _fork(_extract_args(tiny_model, task, out), env, patch)
         if at is not None:
             time.sleep(at)
-            os.kill(pid, signal.SIGKILL)
-        code = _killed(_wait(pid))
+            os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        code = _killed(_wait(proc))
         if code == 0:
             continue  # the random kill came after the run had finished: not a kill point
         assert code == -signal.SIGKILL, f"{where}: exit {code}"
@@ -230,7 +248,7 @@ def test_exclusive_refuses_a_second_writer_and_leaves_nothing(tmp_path: Path) ->
     if pid == 0:  # a holder killed with its lock held never blocks the next writer
         with exclusive(out):
             os.kill(os.getpid(), signal.SIGKILL)
-    assert _wait(pid) == -signal.SIGKILL
+    assert _wait_pid(pid) == -signal.SIGKILL
     with exclusive(out):
         pass
 
@@ -260,22 +278,22 @@ def test_two_processes_writing_the_same_out(tiny_model: Path, tmp_path: Path) ->
     LayerCache.open(cache, verify=True)
 
 
+def _patch_replace(k: int) -> None:
+    real, calls = os.replace, [0]
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+
+    os.replace = replace  # type: ignore[assignment]
+
+
 def _kill_at_replace(k: int) -> Callable[[], None]:
-    """A patch that SIGKILLs the process just before its k-th ``os.replace``: an artifact fully written to
-    its temporary file, not yet renamed into place (or, k > 1, the earlier ones in place)."""
-
-    def patch() -> None:
-        real, calls = os.replace, [0]
-
-        def replace(src: str | Path, dst: str | Path) -> None:
-            calls[0] += 1
-            if calls[0] == k:
-                os.kill(os.getpid(), signal.SIGKILL)
-            real(src, dst)
-
-        os.replace = replace  # type: ignore[assignment]
-
-    return patch
+    """A patch (picklable) that SIGKILLs the process just before its k-th ``os.replace``: an artifact fully
+    written to its temporary file, not yet renamed into place (or, k > 1, the earlier ones in place)."""
+    return functools.partial(_patch_replace, k)
 
 
 def _numbers(out: Path) -> pd.DataFrame:
@@ -334,7 +352,7 @@ def test_concurrent_probes_on_one_out_never_both_write(two_caches: Path, tmp_pat
     assert _complete([*args, str(tmp_path / "alone")]) == 0
     for attempt in range(3):  # a pair with a hung child (the fork trick, see HUNG) is run again in a new folder
         both = tmp_path / f"both{attempt}"
-        codes = [_wait(pid) for pid in [_fork([*args, str(both)]) for _ in range(2)]]
+        codes = [_wait(proc) for proc in [_fork([*args, str(both)]) for _ in range(2)]]
         if HUNG not in codes:
             break
     assert sorted(codes) in ([0, 0], [0, 2]), codes
