@@ -124,10 +124,18 @@ def write_stamp(
 ) -> str:
     """Record what ``where`` (a folder or a stamp file) is made from, atomically, with any ``data`` the
     artifact wants to keep beside it; return the fingerprint."""
-    fp = fingerprint(settings, inputs)
-    record = {"fingerprint": fp, "settings": normalize(settings), "inputs": normalize(dict(inputs or {}))}
+    record = stamp_record(settings, inputs)
     write_json(stamp_path(where), {**record, **({"data": normalize(dict(data))} if data else {})})
-    return fp
+    return record["fingerprint"]
+
+
+def stamp_record(settings: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a stamp holds: the fingerprint, and the settings and inputs it was computed from."""
+    return {
+        "fingerprint": fingerprint(settings, inputs),
+        "settings": normalize(settings),
+        "inputs": normalize(dict(inputs or {})),
+    }
 
 
 def matches(where: str | Path, settings: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> bool:

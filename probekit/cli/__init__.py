@@ -25,9 +25,9 @@ from probekit.paths import strict_outputs
 from probekit.plugins import load_plugins
 
 
-class _Group(TyperGroup):
-    """The one error boundary: user errors raised anywhere below become one line and exit code 2, with
-    the parameter names of the library's messages rendered as the invoked command's flags."""
+class SubGroup(TyperGroup):
+    """A command group that remembers which sub-command it resolved, so the error boundary can render the
+    library's parameter names as that command's flags (``probekit data fetch --dest``); every group uses it."""
 
     resolved: click.Command | None = None
 
@@ -36,12 +36,26 @@ class _Group(TyperGroup):
         self.resolved = cmd  # the sub-command about to run: its flags render the library's parameter names
         return name, cmd, rest
 
+
+def _invoked_flags(cmd: click.Command | None) -> dict[str, str]:
+    """Parameter name -> flag of the command that ran, through every group on the way to it."""
+    flags: dict[str, str] = {}
+    while cmd is not None:
+        flags.update(flags_of(cmd))
+        cmd = getattr(cmd, "resolved", None)
+    return flags
+
+
+class _Group(SubGroup):
+    """The one error boundary: user errors raised anywhere below become one line and exit code 2, with
+    the parameter names of the library's messages rendered as the invoked command's flags."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             with strict_outputs():  # refuse to write into a folder holding things probekit did not write
                 return super().invoke(ctx)
         except ProbekitError as e:
-            flags = {"fresh": "--fresh", "resume": "--resume", **flags_of(self.resolved)}
+            flags = {"fresh": "--fresh", "resume": "--resume", **_invoked_flags(self.resolved)}
             typer.echo(f"error: {e.render(flags)}", err=True)
             raise typer.Exit(code=e.exit_code) from None
 

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 
 from probekit.cache import LayerCache, find_caches, list_caches, remove_cache
-from probekit.cli import app
+from probekit.cli import SubGroup, app
 from probekit.cli.common import print_table
 
-cache_app = typer.Typer(help="List, check and delete feature caches.", no_args_is_help=True)
+cache_app = typer.Typer(cls=SubGroup, help="List, check and delete feature caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 

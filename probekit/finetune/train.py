@@ -61,7 +61,7 @@ from probekit.finetune.variants import (
     make_variant,
     variant_options,
 )
-from probekit.fingerprint import check, fingerprint, normalize, read_stamp, write_stamp
+from probekit.fingerprint import check, read_stamp, stamp_record, write_stamp
 from probekit.io import _UMASK, read_json, remove_tree, replace_dir, write_json
 from probekit.paths import claim_output
 from probekit.registry import Registry
@@ -515,7 +515,7 @@ def resume_seed(seed_dir: Path, settings: dict[str, Any], inputs: dict[str, Any]
     legacy = seed_dir / "best" / METRICS_FILE
     if stamp is None and legacy.is_file():
         recorded = read_json(legacy).get("settings") or {}
-        stamp = {"fingerprint": fingerprint(recorded, inputs), "settings": recorded, "inputs": normalize(inputs)}
+        stamp = stamp_record(recorded, inputs)
     decision = check(stamp, settings, inputs, where=seed_dir, fresh=fresh, what="a fine-tuning run")
     if decision == "fresh":
         remove_tree(seed_dir)
