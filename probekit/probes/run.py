@@ -290,13 +290,12 @@ def _same_fit(previous: pd.DataFrame, settings: dict[str, Any]) -> np.ndarray:
     """Which rows of ``previous`` come from a fit with this run's fingerprint (their cache, these settings)."""
     if "cache_key" not in previous.columns:
         return np.zeros(len(previous), dtype=bool)
-    cache_fp: dict[Any, str] = {}
-    out = []
-    for key, recorded in zip(previous["cache_key"], previous["settings"], strict=True):
-        if key not in cache_fp:
-            cache_fp[key] = fit_fingerprint(settings, key)
-        out.append(_recorded_fingerprint(recorded, key) == cache_fp[key])
-    return np.array(out, dtype=bool)
+    same: dict[tuple[Any, Any], bool] = {}  # one fingerprint per distinct fit, not per row
+    for pair in zip(previous["cache_key"], previous["settings"], strict=True):
+        if pair not in same:
+            key, recorded = pair
+            same[pair] = _recorded_fingerprint(recorded, key) == fit_fingerprint(settings, key)
+    return np.array([same[p] for p in zip(previous["cache_key"], previous["settings"], strict=True)], dtype=bool)
 
 
 def _recorded_fingerprint(recorded: Any, cache_key: Any) -> str | None:
