@@ -151,9 +151,11 @@ class LayerwiseProbe:
         y_dev: Any,
         layers: Sequence[int] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        order: Any = None,
     ) -> LayerwiseProbe:
         """Fit on ``X`` [N, L, D] / ``y`` and select on ``X_dev`` / ``y_dev``; ``layers`` (default all)
-        says which layers to probe."""
+        says which layers to probe; ``order`` (kinds that take it, as ``mlp``) the train rows in the order
+        SentEval trains them (:func:`probekit.senteval.senteval_order`)."""
         self.kind_, cls, self.config_ = kind_config(self.kind, self.grid, **self.options)
         seed = int(self.seed)
         self.estimator_: ProbeKind = cls(self.config_, seed=seed)
@@ -186,7 +188,8 @@ class LayerwiseProbe:
         x = self._features(X, "train")
         xd = self._features(X_dev, "dev")
         yd = self._map(y_dev)
-        self.estimator_.fit(x, torch.stack(sets), n_classes, dev=(xd, yd), callback=callback)
+        extra = {} if order is None else {"order": order}
+        self.estimator_.fit(x, torch.stack(sets), n_classes, dev=(xd, yd), callback=callback, **extra)
         del x
         correct = (self.estimator_.predict(xd) == yd).float().mean(-1)  # [L, S, G]
         self.dev_scores_ = correct.cpu().numpy()

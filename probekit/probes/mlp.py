@@ -1,33 +1,45 @@
 """The MLP probe: SentEval's ``nhid`` classifier, every layer and regularisation value at once.
 
 SentEval's ``MLP`` (``senteval/tools/classifier.py``) is ``Linear(D, nhid) -> Dropout ->
-Sigmoid -> Linear(nhid, classes)`` trained with Adam (lr 1e-3) on the summed cross-entropy
-of mini-batches of 64, with the L2 strength as Adam's (coupled) ``weight_decay`` from the
-grid 1e-5, 1e-4, 1e-3, 1e-2. Every ``epoch_size`` epochs it scores the dev split, keeps the
-best model so far, and stops after ``tenacity`` checks without improvement (its counter is
-never reset, which is kept here) or at ``max_epoch``. The selected grid value is then the
-one with the best dev accuracy, as for the linear probe.
+Sigmoid -> Linear(nhid, classes)``, or with ``nhid=0`` one ``Linear(D, classes)`` (logistic
+regression, SentEval's default protocol), trained with Adam (lr 1e-3) on the cross-entropy of
+mini-batches of 64 with the L2 strength as Adam's (coupled) ``weight_decay`` from the grid 1e-5,
+1e-4, 1e-3, 1e-2. The loss is the batch **mean**: SentEval sets ``size_average = False`` on its
+loss module after construction, which has had no effect since PyTorch 0.4.1. Every
+``epoch_size`` epochs it scores the dev split, keeps the best model so far, and stops after
+``tenacity`` checks without improvement (its counter is never reset, which is kept here) or
+at ``max_epoch``. The selected grid value is then the one with the best dev accuracy.
+
+SentEval's randomness is reproduced: every classifier re-seeds (``torch.manual_seed`` and
+``np.random.seed`` with SentEval's seed, 1111 for run seed 0), so every layer and every grid value
+starts from the same ``nn.Linear`` initialisation and sees the same sample permutations (one
+``np.random.permutation`` per epoch) and, on the CPU, the same dropout masks; ``fit(order=...)``
+gives the row order those permutations index (SentEval sorts each split by sentence length and
+label, :func:`probekit.senteval.senteval_order`). The same seed then gives SentEval's numbers.
 
 Here the problems (layer x label set x weight decay) are trained together: the first
 layer's weights are [layers, features, problems x nhid] so that one batched product per
-step serves every problem of a layer, and the loss is the sum of the problems' losses
-(independent parameters, so each gets its own gradient; Adam is element-wise). All
-problems see the same mini-batch order, as SentEval's runs with one seed would.
+step serves every problem of a layer, and the loss is the sum of the problems' mean losses
+(independent parameters, so each gets its own gradient; Adam is element-wise).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from probekit.config import option
 from probekit.errors import ProbekitError
 from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind
+
+SENTEVAL_SEED = 1111
+"""SentEval's default seed (``params.seed``); run seed ``s`` uses ``base_seed + s``."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +50,17 @@ class MLPConfig(KindConfig):
     grid: tuple[float, ...] = option(
         (1e-5, 1e-4, 1e-3, 1e-2), "Comma-separated weight decay grid (L2 strength), selected on dev.", gt=0
     )
-    nhid: int = option(50, "Hidden units.", ge=1)
-    dropout: float = option(0.1, "Dropout on the hidden layer.", ge=0, lt=1)
+    nhid: int = option(50, "Hidden units (0: logistic regression, SentEval's default classifier).", ge=0)
+    dropout: float = option(0.0, "Dropout on the hidden layer (SentEval's default: 0).", ge=0, lt=1)
     batch_size: int = option(64, "Mini-batch size.", ge=1)
     lr: float = option(1e-3, "Adam learning rate.", gt=0)
     epoch_size: int = option(4, "Epochs between two dev checks.", ge=1)
     tenacity: int = option(5, "Dev checks without improvement before stopping.", ge=0)
     max_epoch: int = option(200, "Epoch limit (it stops early on dev before).", ge=1)
+    max_rounds: int = option(
+        0, "Stop after this many dev checks (0: no limit; 1: Jawahar et al.'s released code).", ge=0
+    )
+    base_seed: int = option(SENTEVAL_SEED, "SentEval's classifier seed for run seed 0 (seed s: base_seed + s).", ge=0)
 
 
 @PROBE_KINDS.register("mlp")
@@ -65,33 +81,65 @@ class MLPProbe(ProbeKind):
         n_classes: int,
         dev: tuple[torch.Tensor, torch.Tensor] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        order: Any = None,
     ) -> MLPProbe:
+        """As :meth:`ProbeKind.fit`; ``order``: the train rows in SentEval's order (row ``order[j]`` is
+        SentEval's ``j``-th; default the given order)."""
         if dev is None:
             raise ProbekitError("the MLP probe stops early on the dev split; pass dev=(X_dev, y_dev)")
+        cfg = self.config
         n_layers, n, d = X.shape
         device, dtype = X.device, X.dtype
         self.n_sets_ = Y.shape[0]
         g = len(self.grid)
-        q, h, k = self.n_sets_ * g, self.config.nhid, n_classes
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        # nn.Linear's default initialisation, drawn in a fixed order from the seeded generator
-        b1, b2 = 1 / math.sqrt(d), 1 / math.sqrt(h)
-        params = [
-            _uniform(gen, (n_layers, d, q * h), b1),  # w1: [L, D, Q*H]
-            _uniform(gen, (n_layers, 1, q * h), b1),  # b1
-            _uniform(gen, (n_layers * q, h, k), b2),  # w2: [L*Q, H, K]
-            _uniform(gen, (n_layers * q, 1, k), b2),  # b2
-        ]
-        params = [p.to(device=device, dtype=dtype).requires_grad_() for p in params]
+        q, h, k = self.n_sets_ * g, cfg.nhid, n_classes
+        seed = cfg.base_seed + self.seed
+        rows = torch.arange(n, device=device) if order is None else torch.as_tensor(order, device=device).long()
+        if rows.shape != (n,):
+            raise ProbekitError(f"order must hold the {n} train rows, got {tuple(rows.shape)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # SentEval's PyTorchClassifier.__init__, then nn.Linear's initialisation
+            first = nn.Linear(d, h or k)
+            second = nn.Linear(h, k) if h else None
+            params = self._replicate(first, second, n_layers, q)
+            params = [p.to(device=device, dtype=dtype).requires_grad_() for p in params]
+            self._train(params, X, Y, rows, n_classes, dev, callback, seed)
+        return self
+
+    def _replicate(self, first: nn.Linear, second: nn.Linear | None, n_layers: int, q: int) -> list[torch.Tensor]:
+        """One copy of SentEval's freshly initialised model per problem, in the batched layout."""
+        with torch.no_grad():
+            w1 = first.weight.t().repeat(1, q)[None].repeat(n_layers, 1, 1)  # [L, D, Q*H]
+            b1 = first.bias.repeat(q)[None, None].repeat(n_layers, 1, 1)  # [L, 1, Q*H]
+            if second is None:
+                return [w1, b1]
+            w2 = second.weight.t()[None].repeat(n_layers * q, 1, 1)  # [L*Q, H, K]
+            b2 = second.bias[None, None].repeat(n_layers * q, 1, 1)  # [L*Q, 1, K]
+            return [w1, b1, w2, b2]
+
+    def _train(
+        self,
+        params: list[torch.Tensor],
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        rows: torch.Tensor,
+        k: int,
+        dev: tuple[torch.Tensor, torch.Tensor],
+        callback: Callable[[int, int], None] | None,
+        seed: int,
+    ) -> None:
+        cfg = self.config
+        n_layers, n, _ = X.shape
+        device, dtype = X.device, X.dtype
+        g = len(self.grid)
+        q, h = self.n_sets_ * g, cfg.nhid
+        width = h or k
         decay = torch.tensor(self.grid, dtype=dtype, device=device).repeat(self.n_sets_)  # [Q]
-        decays = [
-            decay.repeat_interleave(h)[None, None, :],
-            decay.repeat_interleave(h)[None, None, :],
-            decay.repeat(n_layers)[:, None, None],
-            decay.repeat(n_layers)[:, None, None],
-        ]
-        opt = torch.optim.Adam(params, lr=self.config.lr)
-        drop_gen = torch.Generator(device=device).manual_seed(self.seed + 1)
+        decays = [decay.repeat_interleave(width)[None, None, :]] * 2
+        if h:
+            decays += [decay.repeat(n_layers)[:, None, None]] * 2
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        perm_rng = np.random.RandomState(seed)  # SentEval's np.random.seed(seed)
         sets = torch.arange(q, device=device) // g
         targets = Y[sets]  # [Q, N]
         x_dev, y_dev = dev
@@ -100,53 +148,63 @@ class MLPProbe(ProbeKind):
         strikes = torch.zeros(n_layers, q, dtype=torch.long, device=device)
         running = torch.ones(n_layers, q, dtype=torch.bool, device=device)
         epochs = torch.zeros(n_layers, q, dtype=torch.long, device=device)
-        epoch = 0
-        while bool(running.any()) and epoch <= self.config.max_epoch:
-            for _ in range(self.config.epoch_size):
-                order = torch.randperm(n, generator=gen).to(device)
-                for i in range(0, n, self.config.batch_size):
-                    idx = order[i : i + self.config.batch_size]
-                    logits = self._forward(params, X[:, idx], train=True, gen=drop_gen)  # [L, Q, B, K]
+        epoch, rounds = 0, 0
+        while bool(running.any()) and epoch <= cfg.max_epoch:
+            for _ in range(cfg.epoch_size):
+                order = rows[torch.from_numpy(perm_rng.permutation(n)).to(device)]
+                for i in range(0, n, cfg.batch_size):
+                    idx = order[i : i + cfg.batch_size]
+                    mask = None
+                    if h and cfg.dropout > 0:  # SentEval's nn.Dropout on the CPU: one bernoulli_ draw per batch
+                        mask = torch.empty(len(idx), h).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
+                        mask = mask.to(device=device, dtype=dtype).repeat(1, q)[None]
+                    logits = self._forward(params, X[:, idx], mask=mask)  # [L, Q, B, K]
                     yb = targets[:, idx].expand(n_layers, -1, -1)
-                    loss = F.cross_entropy(logits.reshape(-1, k), yb.reshape(-1), reduction="sum")
+                    loss = F.cross_entropy(logits.reshape(-1, k), yb.reshape(-1), reduction="sum") / len(idx)
                     opt.zero_grad(set_to_none=False)
                     loss.backward()
                     with torch.no_grad():
                         for p, wd in zip(params, decays, strict=True):
                             p.grad.add_(p * wd)  # Adam's coupled weight decay, one strength per problem
                     opt.step()
-            epoch += self.config.epoch_size
-            epochs += running.long() * self.config.epoch_size
+            epoch += cfg.epoch_size
+            rounds += 1
+            epochs += running.long() * cfg.epoch_size
             acc = (self._predict_with(params, x_dev) == y_dev).float().mean(-1)  # [L, Q]
             better = running & (acc > best_acc)
             best_acc = torch.where(better, acc, best_acc)
             with torch.no_grad():
-                for b, p in zip(best, params, strict=True):
-                    b.copy_(torch.where(_expand_mask(better, p, n_layers, q, h), p, b))
+                for j, (b, p) in enumerate(zip(best, params, strict=True)):
+                    b.copy_(torch.where(_expand_mask(better, j, n_layers, q, width), p, b))
             worse = running & ~better
-            stop = worse & (strikes >= self.config.tenacity)
+            stop = worse & (strikes >= cfg.tenacity)
             strikes += worse.long()
             running &= ~stop
             if callback is not None:
                 callback(epoch, int(running.sum()))
+            if cfg.max_rounds and rounds >= cfg.max_rounds:
+                running[:] = False  # a documented stop, not the limit
         self.params_ = best
         self.n_iter_ = epochs.view(n_layers, self.n_sets_, g)
         self.not_converged_ = int(running.sum())
-        return self
 
-    def _forward(
-        self, params: list[torch.Tensor], x: torch.Tensor, train: bool = False, gen: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Logits [L, Q, B, K] for inputs ``x`` [L, B, D]."""
-        w1, b1, w2, b2 = params
+    def _forward(self, params: list[torch.Tensor], x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [L, Q, B, K] for inputs ``x`` [L, B, D] (``mask``: the dropout multipliers [1, B, Q*H])."""
         n_layers, b, _ = x.shape
+        if len(params) == 2:  # nhid = 0: logistic regression
+            w, bias = params
+            z = torch.baddbmm(bias, x, w)  # [L, B, Q*K]
+            return z.view(n_layers, b, -1, self._k(params)).transpose(1, 2)
+        w1, b1, w2, b2 = params
         q, h = w1.shape[2] // self.config.nhid, self.config.nhid
         hid = torch.baddbmm(b1, x, w1)  # [L, B, Q*H]
-        if train and self.config.dropout > 0:
-            keep = torch.rand(hid.shape, generator=gen, device=hid.device) >= self.config.dropout
-            hid = hid * keep / (1 - self.config.dropout)
+        if mask is not None:
+            hid = hid * mask
         hid = torch.sigmoid(hid).view(n_layers, b, q, h).permute(0, 2, 1, 3).reshape(n_layers * q, b, h)
         return torch.baddbmm(b2, hid, w2).view(n_layers, q, b, -1)
+
+    def _k(self, params: list[torch.Tensor]) -> int:
+        return params[0].shape[2] // (self.n_sets_ * len(self.grid))
 
     def _predict_with(self, params: list[torch.Tensor], X: torch.Tensor, block: int = 4096) -> torch.Tensor:
         with torch.no_grad():
@@ -159,12 +217,8 @@ class MLPProbe(ProbeKind):
         return pred.view(X.shape[0], self.n_sets_, len(self.grid), -1)
 
 
-def _uniform(gen: torch.Generator, shape: tuple[int, ...], bound: float) -> torch.Tensor:
-    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
-
-
-def _expand_mask(mask: torch.Tensor, p: torch.Tensor, n_layers: int, q: int, h: int) -> torch.Tensor:
-    """Broadcast a per-problem mask [L, Q] onto a parameter tensor's layout."""
-    if p.shape[0] == n_layers:  # w1/b1: [L, *, Q*H]
+def _expand_mask(mask: torch.Tensor, j: int, n_layers: int, q: int, h: int) -> torch.Tensor:
+    """Broadcast a per-problem mask [L, Q] onto the layout of parameter ``j`` (w1, b1, w2, b2)."""
+    if j < 2:  # w1/b1: [L, *, Q*H]
         return mask.repeat_interleave(h, dim=1)[:, None, :]
     return mask.reshape(n_layers * q)[:, None, None]  # w2/b2: [L*Q, *, K]

@@ -1,0 +1,225 @@
+"""Interop with the original SentEval engine (facebookresearch/SentEval), run as a peer.
+
+SentEval as published no longer runs: ``senteval/utils.py`` calls ``inspect.getargspec``
+(removed in Python 3.11) and its PyTorch classifier moves every tensor and module to CUDA
+(``probing.py`` never passes ``cudaEfficient``). :func:`load_senteval` makes it run as it is,
+without editing its files: it puts the engine's folder on ``sys.path``, restores
+``getargspec`` (as ``getfullargspec``, whose first field is the same list of arguments) and,
+when no GPU is there, gives ``senteval.tools.classifier`` a ``torch`` and an ``nn`` whose
+``cuda`` calls keep tensors and modules on the CPU. The engine's code, seeding and
+training loops are untouched.
+
+:func:`cache_batcher` gives a SentEval ``prepare``/``batcher`` pair over a probekit
+:class:`~probekit.cache.LayerCache` (a look-up by sentence: SentEval passes whitespace-
+tokenised sentences), so a SentEval user's script runs on probekit's extraction;
+:func:`run_engine` runs the engine layer by layer on a cache and returns tidy rows
+(``source="senteval"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+import tempfile
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from probekit.cache import LayerCache
+from probekit.data import get_task
+from probekit.data.senteval import read_senteval
+from probekit.errors import ProbekitError
+from probekit.io import sha256_file
+from probekit.metrics import wilson
+from probekit.results import row
+
+SENTEVAL_NAMES = {
+    "sentence_length": ("Length", "sentence_length.txt"),
+    "word_content": ("WordContent", "word_content.txt"),
+    "tree_depth": ("Depth", "tree_depth.txt"),
+    "top_constituents": ("TopConstituents", "top_constituents.txt"),
+    "bigram_shift": ("BigramShift", "bigram_shift.txt"),
+    "past_present": ("Tense", "past_present.txt"),
+    "subj_number": ("SubjNumber", "subj_number.txt"),
+    "obj_number": ("ObjNumber", "obj_number.txt"),
+    "odd_man_out": ("OddManOut", "odd_man_out.txt"),
+    "coordination_inversion": ("CoordinationInversion", "coordination_inversion.txt"),
+}
+"""probekit task name -> (SentEval's task name, the file SentEval reads under ``task_path/probing``)."""
+ENV = "PROBEKIT_SENTEVAL"
+"""Environment variable naming the SentEval checkout (the folder holding ``senteval/``)."""
+
+
+class _CpuTensor(torch.Tensor):
+    """A tensor whose ``cuda()`` is a no-op (what SentEval's ``score``/``predict`` call on the CPU)."""
+
+    def cuda(self, *args: Any, **kwargs: Any) -> _CpuTensor:  # type: ignore[override]
+        return self
+
+
+def _cpu_module(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
+    return type(cls.__name__, (cls,), {"cuda": lambda self, *a, **k: self})
+
+
+def _cpu_torch() -> types.SimpleNamespace:
+    """A stand-in for the ``torch`` and ``nn`` names of ``senteval.tools.classifier`` that keep everything on the CPU."""
+
+    def device(spec: Any, *args: Any) -> torch.device:
+        return torch.device("cpu") if str(spec).startswith("cuda") else torch.device(spec, *args)
+
+    def typed(dtype: torch.dtype) -> Callable[[Any], torch.Tensor]:
+        return lambda x: torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=dtype).as_subclass(
+            _CpuTensor
+        )
+
+    t = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    t.device, t.FloatTensor, t.LongTensor = device, typed(torch.float32), typed(torch.int64)
+    nn = types.SimpleNamespace(**{k: getattr(torch.nn, k) for k in dir(torch.nn) if not k.startswith("__")})
+    nn.Sequential, nn.CrossEntropyLoss = _cpu_module(torch.nn.Sequential), _cpu_module(torch.nn.CrossEntropyLoss)
+    t.nn = nn
+    return t
+
+
+def load_senteval(path: str | Path | None = None, cpu: bool | None = None) -> types.ModuleType:
+    """Import the original SentEval engine, made to run on Python 3.11+ and on the CPU; return ``senteval``.
+
+    ``path``: the SentEval checkout (default ``$PROBEKIT_SENTEVAL``, else whatever is importable);
+    ``cpu``: keep the classifier on the CPU (default: when CUDA is not available)."""
+    path = path if path is not None else os.environ.get(ENV)
+    if path is not None:
+        folder = str(Path(path).resolve())
+        if not (Path(folder) / "senteval" / "engine.py").is_file():
+            raise ProbekitError(f"{folder} is not a SentEval checkout (no senteval/engine.py in it)")
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    if not hasattr(inspect, "getargspec"):
+        inspect.getargspec = inspect.getfullargspec  # type: ignore[attr-defined]
+    try:
+        senteval = importlib.import_module("senteval")  # an optional peer, imported on request
+        classifier = importlib.import_module("senteval.tools.classifier")
+        importlib.import_module("senteval.engine")
+    except ImportError as e:
+        raise ProbekitError(
+            f"SentEval is not importable ({e}); pass its checkout's folder (--senteval PATH or ${ENV})"
+        ) from None
+    if cpu if cpu is not None else not torch.cuda.is_available():
+        shim = _cpu_torch()
+        classifier.torch, classifier.nn = shim, shim.nn  # type: ignore[attr-defined]
+    return senteval
+
+
+def cache_sentences(cache: LayerCache) -> dict[str, list[str]]:
+    """The sentences of each split of a cache, in its row order, read from the data file its manifest names
+    (refused when that file changed since the extraction)."""
+    data = cache.manifest.get("data") or {}
+    path = Path(data.get("path") or "")
+    if not path.is_file():
+        raise ProbekitError(f"{cache.path}: the data file it was extracted from ({path}) is not there")
+    if data.get("sha256") and sha256_file(path) != data["sha256"]:
+        raise ProbekitError(f"{cache.path}: the data file {path} changed since the extraction; re-extract")
+    options = data.get("reader_options") or {}
+    task = get_task(cache.task) if _known(cache.task) else get_task(str(path))
+    td = read_senteval(task, path, unseen_labels=options.get("unseen_labels", "error"))
+    return {s: list(td.splits[s].texts) for s in ("train", "dev", "test")}
+
+
+def _known(name: str) -> bool:
+    try:
+        get_task(name)
+    except ProbekitError:
+        return False
+    return True
+
+
+def senteval_order(texts: Sequence[str], labels: Sequence[int]) -> np.ndarray:
+    """The row order SentEval trains in: ``probing.py`` sorts each split by (number of words, label id),
+    stably (Python's ``sorted``); the permutations of its epochs index that order."""
+    return np.array(sorted(range(len(texts)), key=lambda i: (len(texts[i].split()), int(labels[i]))), dtype=np.int64)
+
+
+def cache_batcher(cache: LayerCache, layer: int) -> tuple[Callable[..., Any], Callable[..., np.ndarray]]:
+    """SentEval's ``prepare`` and ``batcher`` over one layer of a cache: a batch of tokenised sentences
+    becomes the cached feature rows of those sentences (float32 [batch, D])."""
+    sentences = cache_sentences(cache)
+    index: dict[str, tuple[str, int]] = {}
+    for split, texts in sentences.items():
+        for i, text in enumerate(texts):
+            index.setdefault(" ".join(text.split()), (split, i))
+
+    def prepare(params: Any, samples: Any) -> None:
+        return None
+
+    def batcher(params: Any, batch: Sequence[Sequence[str]]) -> np.ndarray:
+        rows = []
+        for words in batch:
+            key = " ".join(words)
+            if key not in index:
+                raise ProbekitError(f"sentence not in cache {cache.path}: {key[:60]!r}")
+            split, i = index[key]
+            rows.append(np.asarray(cache[split][i, layer], dtype=np.float32))
+        return np.stack(rows)
+
+    return prepare, batcher
+
+
+def engine_params(protocol: str, seed: int = 1111) -> dict[str, Any]:
+    """SentEval's ``params`` for a protocol: ``senteval`` its default (PyTorch logistic regression),
+    ``senteval-sklearn`` its ``usepytorch=False`` path."""
+    if protocol == "senteval-sklearn":
+        return {"usepytorch": False, "kfold": 10, "seed": seed, "classifier": {"nhid": 0}}
+    if protocol == "senteval":
+        clf = {"nhid": 0, "optim": "adam", "batch_size": 64, "tenacity": 5, "epoch_size": 4}
+        return {"usepytorch": True, "kfold": 10, "seed": seed, "classifier": clf}
+    raise ProbekitError(f"senteval-check runs the protocols senteval and senteval-sklearn, not {protocol!r}")
+
+
+def run_engine(
+    cache: LayerCache,
+    layers: Sequence[int] | None = None,
+    protocol: str = "senteval",
+    seed: int = 1111,
+    senteval_path: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The original engine on each layer of a cache (the probing task SentEval knows by the cache's task, on the
+    data file the cache was extracted from): tidy rows of dev and test ``acc`` (``source="senteval"``)."""
+    if cache.task not in SENTEVAL_NAMES:
+        raise ProbekitError(f"{cache.task}: SentEval knows only its ten probing tasks ({', '.join(SENTEVAL_NAMES)})")
+    senteval = load_senteval(senteval_path)
+    name, fname = SENTEVAL_NAMES[cache.task]
+    params = engine_params(protocol, seed)
+    layers = list(range(cache.n_layers)) if layers is None else list(layers)
+    data = Path(cache.manifest["data"]["path"])
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "probing").mkdir()
+        (Path(tmp) / "probing" / fname).symlink_to(data.resolve())
+        for layer in layers:
+            prepare, batcher = cache_batcher(cache, layer)
+            se = senteval.engine.SE({**params, "task_path": tmp}, batcher, prepare)
+            res = se.eval(name)
+            base = {
+                "model": cache.model,
+                "task": cache.task,
+                "layer": layer,
+                "source": "senteval",
+                "probe": "senteval-engine",
+                "protocol": protocol,
+                "seed": seed,
+                "pool": cache.pool,
+                "cache_key": cache.manifest.get("key"),
+            }
+            for split, acc, n in (("dev", res["devacc"], res["ndev"]), ("test", res["acc"], res["ntest"])):
+                low, high = wilson(round(acc * n / 100), n)
+                out.append(
+                    row(**base, split=split, metric="acc", value=acc / 100, n=n, ci_low=float(low), ci_high=float(high))
+                )
+            if progress is not None:
+                progress(layer)
+    return out
