@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from probekit.errors import ProbekitError
@@ -76,6 +77,7 @@ SCHEMA: tuple[Column, ...] = (
     Column("max_length", "Int64", "token limit of the inputs"),
     Column("data_sha256", "object", "SHA-256 of the data file"),
     Column("settings", "object", "JSON of the settings that produced the row"),
+    Column("protocol", "object", "probe protocol preset: senteval-sklearn, senteval, conneau2018, jawahar2019"),
 )
 """Every column with a fixed meaning, in table order; tables may carry further columns
 (``policy``, ``threshold``, ``epoch``, ...), described in the module docstring."""
@@ -85,7 +87,7 @@ REQUIRED = tuple(c.name for c in SCHEMA if c.required)
 """Columns every results table has."""
 STANDARD = tuple(c.name for c in SCHEMA if not c.required)
 """Columns with a fixed meaning that tables fill when they apply (empty otherwise)."""
-SOURCES = ("probe", "mlm-probe", "offramp", "exit-policy", "finetune")
+SOURCES = ("probe", "mlm-probe", "offramp", "exit-policy", "finetune", "senteval")
 
 
 def row(**values: Any) -> dict[str, Any]:
@@ -162,7 +164,14 @@ def validate(df: pd.DataFrame) -> None:
 
 def migrate(df: pd.DataFrame) -> pd.DataFrame:
     """A table of an earlier schema in this one (version 1: no ``mode`` column; off-ramp rows with the
-    training mode in ``probe``; exit-policy rows with ``layer=-1``)."""
+    training mode in ``probe``; exit-policy rows with ``layer=-1``; before the ``protocol`` column, linear
+    probe rows were SentEval's scikit-learn protocol)."""
+    if "protocol" not in df.columns and "probe" in df.columns:
+        df = df.copy()
+        linear = (df["probe"] == "linear").to_numpy() & (
+            (df["source"] == "probe").to_numpy() if "source" in df.columns else True
+        )
+        df["protocol"] = ["senteval-sklearn" if x else None for x in np.broadcast_to(linear, (len(df),))]
     if "mode" in df.columns and df["mode"].notna().any():
         return df
     df = df.copy()

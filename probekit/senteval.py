@@ -32,11 +32,9 @@ import numpy as np
 import torch
 
 from probekit.cache import LayerCache
-from probekit.data import get_task
-from probekit.data.senteval import read_senteval
 from probekit.errors import ProbekitError
-from probekit.io import sha256_file
 from probekit.metrics import wilson
+from probekit.probes.order import cache_sentences, senteval_order
 from probekit.results import row
 
 SENTEVAL_NAMES = {
@@ -112,35 +110,6 @@ def load_senteval(path: str | Path | None = None, cpu: bool | None = None) -> ty
         shim = _cpu_torch()
         classifier.torch, classifier.nn = shim, shim.nn  # type: ignore[attr-defined]
     return senteval
-
-
-def cache_sentences(cache: LayerCache) -> dict[str, list[str]]:
-    """The sentences of each split of a cache, in its row order, read from the data file its manifest names
-    (refused when that file changed since the extraction)."""
-    data = cache.manifest.get("data") or {}
-    path = Path(data.get("path") or "")
-    if not path.is_file():
-        raise ProbekitError(f"{cache.path}: the data file it was extracted from ({path}) is not there")
-    if data.get("sha256") and sha256_file(path) != data["sha256"]:
-        raise ProbekitError(f"{cache.path}: the data file {path} changed since the extraction; re-extract")
-    options = data.get("reader_options") or {}
-    task = get_task(cache.task) if _known(cache.task) else get_task(str(path))
-    td = read_senteval(task, path, unseen_labels=options.get("unseen_labels", "error"))
-    return {s: list(td.splits[s].texts) for s in ("train", "dev", "test")}
-
-
-def _known(name: str) -> bool:
-    try:
-        get_task(name)
-    except ProbekitError:
-        return False
-    return True
-
-
-def senteval_order(texts: Sequence[str], labels: Sequence[int]) -> np.ndarray:
-    """The row order SentEval trains in: ``probing.py`` sorts each split by (number of words, label id),
-    stably (Python's ``sorted``); the permutations of its epochs index that order."""
-    return np.array(sorted(range(len(texts)), key=lambda i: (len(texts[i].split()), int(labels[i]))), dtype=np.int64)
 
 
 def cache_batcher(cache: LayerCache, layer: int) -> tuple[Callable[..., Any], Callable[..., np.ndarray]]:

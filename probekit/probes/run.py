@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from probekit.backbone import resolve_device
 from probekit.cache import LayerCache, find_caches
-from probekit.config import fields_of
+from probekit.config import fields_of, split_options
 from probekit.distributed import balance, barrier, destroy_process_group, dist_info, init_process_group, rank_device
 from probekit.errors import CacheError, ConvergenceWarning, ParamError, ProbekitError, ProbekitWarning
 from probekit.fingerprint import differences, fingerprint
@@ -37,6 +37,9 @@ from probekit.io import remove_tree
 from probekit.paths import claim_output
 from probekit.probes.base import ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, resolve_kind
+from probekit.probes.order import cache_order
+from probekit.probes.protocols import PROTOCOLS, Protocol, make_protocol, protocol_of
+from probekit.probes.tuned import TunedProbe
 from probekit.results import PARQUET, load_results, save_results, tidy
 from probekit.runs import Run
 
@@ -44,7 +47,7 @@ SPLITS = ("train", "dev", "test")
 REPORTED = ("dev", "test")
 PARTS = ".parts"
 """Under torchrun each rank saves the rows it computed in ``OUT/.parts/``; rank 0 merges them."""
-FIT_KEY = ["cache_key", "probe", "seed", "layer", "split", "metric"]
+FIT_KEY = ["cache_key", "probe", "protocol", "seed", "layer", "split", "metric"]
 
 
 def open_caches(caches: str | Path | LayerCache | Iterable[str | Path | LayerCache]) -> list[LayerCache]:
@@ -127,7 +130,7 @@ def load_features(cache: LayerCache, device: torch.device) -> dict[str, torch.Te
 
 def probe(
     caches: Any,
-    kind: str | type[ProbeKind] | LayerwiseProbe = "linear",
+    kind: str | type[ProbeKind] | LayerwiseProbe | None = None,
     seeds: int | Sequence[int] = 1,
     device: str | None = None,
     grid: Sequence[float] | str | None = None,
@@ -135,6 +138,7 @@ def probe(
     out: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    protocol: str | Protocol | None = None,
     **options: Any,
 ) -> Run:
     """Probe every layer of every cache (see the module docstring); a :class:`~probekit.runs.Run`
@@ -148,12 +152,27 @@ def probe(
     ``out``, rows of other caches, probes or seeds already in ``out`` are kept; with ``resume`` a
     fit already there with the same fingerprint (settings and cache key) is not redone, and one
     made with other settings is redone (with a warning naming them) and its rows replaced.
+
+    ``protocol``: a preset of :data:`~probekit.probes.protocols.PROTOCOLS` (``senteval-sklearn``,
+    ``senteval``, ``conneau2018``, ``jawahar2019``): it sets the kind and its options (``options``
+    given here override them; the protocol's own, e.g. ``first_round_only``, go to it). Without one
+    the kind defaults to ``linear`` (the ``senteval-sklearn`` protocol).
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ParamError("seeds", "must be at least 1")
-    template = _template(kind, device, grid, control, options)
-    template.settings()  # validates the kind and its options before any cache is opened
+    proto = None
+    if protocol is not None:
+        cls = type(protocol) if isinstance(protocol, Protocol) else PROTOCOLS.get(protocol)
+        own, options = split_options(options, cls.Config)
+        proto = make_protocol(protocol, **own)
+        if kind is not None and not isinstance(kind, LayerwiseProbe) and resolve_kind(kind)[0] != proto.kind:
+            raise ParamError("kind", f"the {proto.name} protocol trains the {proto.kind} probe; leave {{kind}} out")
+        kind = proto.kind if kind is None else kind
+    template = _template("linear" if kind is None else kind, device, grid, control, options)
+    template.protocol_ = proto  # type: ignore[attr-defined]
+    template.user_options_ = {**options, **({"grid": grid} if grid is not None else {})}  # type: ignore[attr-defined]
+    _settings(template)  # validates the kind and its options before any cache is opened
     info = dist_info()
     dev = resolve_device(rank_device(str(template.device), info))
     created = init_process_group(info, dev)
@@ -181,6 +200,27 @@ def _template(
     return LayerwiseProbe(**params)
 
 
+def _member(template: LayerwiseProbe, task: str | None, **params: Any) -> LayerwiseProbe:
+    """The probe one fit uses: the template's, with the protocol's candidate options for ``task`` (several:
+    a :class:`TunedProbe`); options the caller gave override the protocol's."""
+    proto: Protocol | None = getattr(template, "protocol_", None)
+    base = {**template.get_params(), **params}
+    if proto is None:
+        return LayerwiseProbe(**base)
+    given = getattr(template, "user_options_", {})
+    cands = [{**c, **given} for c in proto.candidates(task)]
+    if len(cands) == 1:
+        return LayerwiseProbe(**{**base, **cands[0]})
+    return TunedProbe(cands, **base)
+
+
+def _settings(template: LayerwiseProbe, task: str | None = None) -> dict[str, Any]:
+    """What determines a fit's results (fingerprinted, recorded): the probe's settings and the protocol's."""
+    proto: Protocol | None = getattr(template, "protocol_", None)
+    settings = _member(template, task).settings()
+    return settings if proto is None else {**settings, **proto.settings()}
+
+
 def fit_fingerprint(settings: dict[str, Any], cache_key: Any) -> str:
     """What identifies one fit's result: its settings and the cache it read (seed and kind are in its key)."""
     return fingerprint(settings, {"cache": cache_key})
@@ -200,10 +240,15 @@ def _probe(
     timings = {"load": 0.0, "fit": 0.0, "score": 0.0}
     opened = open_caches(caches)
     manifest_bad = {c.path: check_cache(c) for c in opened}
-    settings = template.settings()
+    proto: Protocol | None = getattr(template, "protocol_", None)
+    if proto is not None:
+        for c in opened:
+            proto.check_pool(c.pool, f"{c.task} ({c.path})")
+    settings = _settings(template)
     kind = settings["kind"]
-    settings_json = json.dumps(settings, sort_keys=True)
     step_name = resolve_kind(template.kind)[1].step_name
+    protocol = proto.name if proto is not None else protocol_of(kind)
+    task_settings = {c.path: _settings(template, c.task) for c in opened}
 
     if out is not None:
         claim_output(out, "out", force=not resume, force_param="fresh")
@@ -213,15 +258,15 @@ def _probe(
     done: list[dict[str, Any]] = []
     todo = units
     if previous is not None:
-        this_run = {(c.manifest["key"], kind, seed) for c, seed in units}
+        this_run = {(c.manifest["key"], kind, seed, protocol) for c, seed in units}
         keys = _keys(previous)
         mine = np.array([k in this_run for k in keys], dtype=bool)
         others = previous[~mine]
         if resume:
-            same = _same_fit(previous, settings)
+            same = _same_fit(previous, settings, {c.manifest["key"]: task_settings[c.path] for c in opened})
             done = previous[mine & same].to_dict("records")
             done_keys = set(_keys(previous[mine & same]))
-            todo = [(c, s) for c, s in units if (c.manifest["key"], kind, s) not in done_keys]
+            todo = [(c, s) for c, s in units if (c.manifest["key"], kind, s, protocol) not in done_keys]
             _warn_changed(previous[mine & ~same], settings)
     kept = [] if others is None else others.to_dict("records")
     if info.distributed:  # each rank takes a size-balanced share of the fits
@@ -249,13 +294,14 @@ def _probe(
             loaded = c.path
             timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        lp = LayerwiseProbe(**{**template.get_params(), "seed": seed, "device": dev})
-        lp.fit(feats["train"], c.labels("train"), feats["dev"], c.labels("dev"), layers=layers, callback=step)
+        lp = _member(template, c.task, seed=seed, device=dev)
+        order = _order(c) if proto is not None and proto.senteval_order else None
+        lp.fit(feats["train"], c.labels("train"), feats["dev"], c.labels("dev"), layers=layers, callback=step, order=order)
         timings["fit"] += time.perf_counter() - t0
         if lp.not_converged_:
             _warn_not_converged(lp, c.task, seed)
         t0 = time.perf_counter()
-        new.extend(result_rows(lp, c, feats, settings_json))
+        new.extend(result_rows(lp, c, feats, json.dumps(task_settings[c.path], sort_keys=True), protocol))
         timings["score"] += time.perf_counter() - t0
         last = lp
         bar.update(1)
@@ -286,15 +332,32 @@ def _probe(
     return finish(merged)
 
 
-def _same_fit(previous: pd.DataFrame, settings: dict[str, Any]) -> np.ndarray:
-    """Which rows of ``previous`` come from a fit with this run's fingerprint (their cache, these settings)."""
+def _order(cache: LayerCache) -> np.ndarray | None:
+    """SentEval's train order of a cache, or None (with a warning) when its data file cannot be read."""
+    try:
+        return cache_order(cache)
+    except ProbekitError as e:
+        warnings.warn(
+            f"{cache.task}: {e}; training in the cache's row order (SentEval's protocol, not its exact mini-batches)",
+            ProbekitWarning,
+            stacklevel=4,
+        )
+        return None
+
+
+def _same_fit(
+    previous: pd.DataFrame, settings: dict[str, Any], per_cache: dict[Any, dict[str, Any]] | None = None
+) -> np.ndarray:
+    """Which rows of ``previous`` come from a fit with this run's fingerprint (their cache, these settings;
+    ``per_cache``: the settings of a cache whose task changes them, as conneau2018's WordContent)."""
     if "cache_key" not in previous.columns:
         return np.zeros(len(previous), dtype=bool)
     same: dict[tuple[Any, Any], bool] = {}  # one fingerprint per distinct fit, not per row
     for pair in zip(previous["cache_key"], previous["settings"], strict=True):
         if pair not in same:
             key, recorded = pair
-            same[pair] = _recorded_fingerprint(recorded, key) == fit_fingerprint(settings, key)
+            mine = (per_cache or {}).get(key, settings)
+            same[pair] = _recorded_fingerprint(recorded, key) == fit_fingerprint(mine, key)
     return np.array([same[p] for p in zip(previous["cache_key"], previous["settings"], strict=True)], dtype=bool)
 
 
@@ -337,7 +400,7 @@ def _warn_not_converged(lp: LayerwiseProbe, task: str, seed: int) -> None:
 
 
 def result_rows(
-    lp: LayerwiseProbe, cache: LayerCache, feats: dict[str, Any], settings_json: str
+    lp: LayerwiseProbe, cache: LayerCache, feats: dict[str, Any], settings_json: str, protocol: str | None = None
 ) -> list[dict[str, Any]]:
     """The tidy rows of one fitted probe: layers x (dev, test) x metrics, with the cache's columns."""
     m = cache.manifest
@@ -352,6 +415,7 @@ def result_rows(
         "n_classes": len(lp.classes_),
         "reg_name": lp.estimator_.reg_name,
         "cache_key": m.get("key"),
+        "protocol": protocol if protocol is not None else protocol_of(lp.kind_),
     }
     rows = []
     for split in REPORTED:
@@ -384,9 +448,10 @@ def _dedupe(df: pd.DataFrame) -> pd.DataFrame:
     return tidy(pd.concat([df[~is_probe], probes], ignore_index=True).to_dict("records"))
 
 
-def _keys(df: pd.DataFrame) -> list[tuple[Any, Any, Any]]:
-    """(cache key, probe, seed) of each row: what identifies one fit."""
+def _keys(df: pd.DataFrame) -> list[tuple[Any, Any, Any, Any]]:
+    """(cache key, probe, seed, protocol) of each row: what identifies one fit."""
     if "cache_key" not in df.columns:
-        return [(None, None, None)] * len(df)
+        return [(None, None, None, None)] * len(df)
     seeds = [None if pd.isna(s) else int(s) for s in df["seed"]]
-    return list(zip(df["cache_key"], df["probe"], seeds, strict=True))
+    protocols = [None if not isinstance(p, str) else p for p in df["protocol"]]
+    return list(zip(df["cache_key"], df["probe"], seeds, protocols, strict=True))
