@@ -23,19 +23,24 @@ import inspect
 import os
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from probekit.cache import LayerCache
-from probekit.errors import ProbekitError
+from probekit.errors import ParamError, ProbekitError
 from probekit.metrics import wilson
-from probekit.probes.order import cache_sentences, senteval_order
-from probekit.results import row
+from probekit.probes.order import cache_sentences
+from probekit.probes.run import open_caches, probe
+from probekit.results import row, save_results, tidy
+from probekit.runs import Run
 
 SENTEVAL_NAMES = {
     "sentence_length": ("Length", "sentence_length.txt"),
@@ -192,3 +197,65 @@ def run_engine(
             if progress is not None:
                 progress(layer)
     return out
+
+
+def senteval_check(
+    caches: Any,
+    protocol: str = "senteval",
+    layers: Sequence[int] | None = None,
+    senteval_path: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> Run:
+    """probekit's protocol and the original engine on the same caches, layer by layer (probekit seed 0 is
+    SentEval's seed 1111, no control): a :class:`~probekit.runs.Run` whose ``results`` hold both as tidy
+    rows (``source`` ``probe`` and ``senteval``) and ``details["comparison"]`` a table of dev and test
+    accuracy side by side (``probekit``, ``senteval``, ``diff`` in points). ``out``: save the rows there."""
+    engine_params(protocol)  # the protocols the engine has
+    load_senteval(senteval_path)  # before any fit: a missing engine is the first thing said
+    opened = open_caches(caches)
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    timings = {"probekit": 0.0, "senteval": 0.0}
+    bar = tqdm(total=len(opened) * 2, unit="run", disable=not progress, dynamic_ncols=True)
+    for cache in opened:
+        chosen = list(range(cache.n_layers)) if layers is None else [int(x) for x in layers]
+        bad = [x for x in chosen if not 0 <= x < cache.n_layers]
+        if bad:
+            raise ParamError("layers", f"{bad} out of range for {cache.task} (layers 0..{cache.n_layers - 1})")
+        bar.set_description(f"{cache.task} probekit")
+        t0 = time.perf_counter()
+        mine = _probekit_rows(cache, protocol, chosen)
+        timings["probekit"] += time.perf_counter() - t0
+        bar.update(1)
+        bar.set_description(f"{cache.task} senteval")
+        t0 = time.perf_counter()
+        rows += mine + run_engine(cache, chosen, protocol, senteval_path=senteval_path)
+        timings["senteval"] += time.perf_counter() - t0
+        bar.update(1)
+    bar.close()
+    results = tidy(rows)
+    paths: dict[str, Path] = {}
+    if out is not None:
+        save_results(results, out)
+        paths = {"out": Path(out)}
+    timings["total"] = time.perf_counter() - start
+    return Run(results=results, paths=paths, timings=timings, details={"comparison": comparison(results)})
+
+
+def _probekit_rows(cache: LayerCache, protocol: str, layers: list[int]) -> list[dict[str, Any]]:
+    run = probe(cache, seeds=[0], device="cpu", control=False, progress=False, protocol=protocol)
+    df = run.results
+    df = df[df["layer"].isin(layers) & (df["metric"] == "acc")]
+    return df.to_dict("records")
+
+
+def comparison(results: pd.DataFrame) -> pd.DataFrame:
+    """Dev and test accuracy of probekit and the engine side by side per task and layer, with ``diff`` in points."""
+    acc = results[results["metric"] == "acc"]
+    key = ["task", "layer", "split"]
+    mine = acc[acc["source"] == "probe"].set_index(key)["value"].rename("probekit")
+    theirs = acc[acc["source"] == "senteval"].set_index(key)["value"].rename("senteval")
+    table = pd.concat([mine, theirs], axis=1).dropna().reset_index()
+    table["diff"] = 100 * (table["probekit"] - table["senteval"])
+    return table.sort_values(key).reset_index(drop=True)

@@ -19,16 +19,27 @@ from probekit.config import Config
 from probekit.distributed import dist_info
 from probekit.probes import PROBE_KINDS
 from probekit.probes import probe as run_probe
+from probekit.probes.protocols import PROTOCOLS
 from probekit.probes.table import fit_width, table_title, task_table
 
 
 def _sources() -> list[tuple[str, type[Config]]]:
-    return [(name, cls.Config) for name, cls in PROBE_KINDS.items()]
+    kinds = [(name, cls.Config) for name, cls in PROBE_KINDS.items()]
+    return kinds + [(name, cls.Config) for name, cls in PROTOCOLS.items() if cls.Config.field_names()]
 
 
 Kind = StrEnum("Kind", {name: name for name in PROBE_KINDS.names()})  # type: ignore[misc]
 """The registered kinds when the CLI is built (plugins included)."""
-KIND_HELP = "Probe kind: " + "; ".join(f"{n} ({PROBE_KINDS.help(n).rstrip('.')})" for n in PROBE_KINDS.names()) + "."
+KIND_HELP = (
+    "Probe kind (default: the protocol's, else linear): "
+    + "; ".join(f"{n} ({PROBE_KINDS.help(n).rstrip('.')})" for n in PROBE_KINDS.names())
+    + "."
+)
+Protocol = StrEnum("Protocol", {name: name for name in PROTOCOLS.names()})  # type: ignore[misc]
+PROTOCOL_HELP = (
+    "Protocol preset (sets the kind and its options; options given override them; default: senteval-sklearn "
+    "for the linear probe): " + "; ".join(f"{n} ({PROTOCOLS.help(n).rstrip('.')})" for n in PROTOCOLS.names()) + "."
+)
 
 
 @app.command()
@@ -36,7 +47,8 @@ KIND_HELP = "Probe kind: " + "; ".join(f"{n} ({PROBE_KINDS.help(n).rstrip('.')})
 def probe(
     caches: Annotated[list[Path], typer.Argument(help="Cache directories, or folders of caches (probekit extract).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (results.parquet, results.csv).")],
-    kind: Annotated[Kind, typer.Option("--probe", help=KIND_HELP)] = Kind(PROBE_KINDS.names()[0]),
+    kind: Annotated[Kind | None, typer.Option("--probe", help=KIND_HELP, show_default=False)] = None,
+    protocol: Annotated[Protocol | None, typer.Option("--protocol", help=PROTOCOL_HELP, show_default=False)] = None,
     seeds: Annotated[int, typer.Option(help="Run seeds 0..N-1 (control permutation, MLP init and batches).")] = 1,
     device: Device = "auto",
     control: Annotated[bool, typer.Option("--control/--no-control", help="Shuffled-label control probe.")] = True,
@@ -53,7 +65,8 @@ def probe(
     with writing(out):
         run = run_probe(
             caches,
-            kind=str(kind.value),
+            kind=None if kind is None else str(kind.value),
+            protocol=None if protocol is None else str(protocol.value),
             seeds=seeds,
             device=device,
             control=control,
