@@ -3,11 +3,15 @@
 Downloads go to ``<file>.part`` and resume from where they stopped (HTTP range
 requests); a file is renamed into place only once its SHA-256 matches. Files whose
 checksum is not recorded in the registry are pinned on first download in
-``SHA256SUMS`` next to them, and verified against that pin afterwards.
+``SHA256SUMS`` next to them, and verified against that pin afterwards. A task table may
+also record ``git_blob``: the git blob id of the file in its source repository
+(``sha1(b"blob <size>\0" + bytes)``, what a raw download of that commit must hash to), checked
+on every download and on a file already there (unless the caller overrides its SHA-256).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -39,12 +43,15 @@ def fetch(
     checksums: dict[str, str] | None = None,
     force: bool = False,
     progress: bool = True,
+    git_blobs: dict[str, str] | None = None,
 ) -> list[Path]:
     """Download a collection (``senteval``, ...) into ``dest`` (default: the user cache dir).
 
     ``base_url`` replaces the official location (a mirror); ``checksums`` maps file names
-    to SHA-256 values that override the recorded ones.
+    to SHA-256 values that override the recorded ones (and the recorded git blob ids);
+    ``git_blobs`` file names to git blob ids that override the recorded ones.
     """
+    blobs = {"git_blobs": git_blobs} if git_blobs else {}
     return FETCHERS.get(collection)(
         dest=Path(dest) if dest else default_data_dir(),
         tasks=tasks,
@@ -52,7 +59,17 @@ def fetch(
         checksums=checksums or {},
         force=force,
         progress=progress,
+        **blobs,
     )
+
+
+def git_blob_id(path: Path) -> str:
+    """The git blob id of a file: ``sha1(b"blob <size>\0" + bytes)``."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_sums(path: Path) -> dict[str, str]:
@@ -72,8 +89,11 @@ def write_sums(path: Path, sums: dict[str, str]) -> None:
             f.write(f"{sums[name]}  {name}\n")
 
 
-def download(url: str, target: Path, sha256: str | None = None, progress: bool = True) -> str:
-    """Download ``url`` to ``target`` (resuming ``target.part``), check it, return its SHA-256."""
+def download(
+    url: str, target: Path, sha256: str | None = None, progress: bool = True, git_blob: str | None = None
+) -> str:
+    """Download ``url`` to ``target`` (resuming ``target.part``), check it (SHA-256, git blob id), return its
+    SHA-256."""
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -116,6 +136,14 @@ def download(url: str, target: Path, sha256: str | None = None, progress: bool =
             f"{url}: checksum mismatch (got sha256 {digest}, expected {sha256}); the file was deleted. "
             "Re-run to download it again; if it keeps failing the source has changed"
         )
+    if git_blob:
+        blob = git_blob_id(part)
+        if blob != git_blob.lower():
+            part.unlink()
+            raise ProbekitError(
+                f"{target.name}: git blob id mismatch (expected {git_blob}, received {blob}); the download from "
+                f"{url} was deleted (the source changed, or a mirror serves other bytes)"
+            )
     os.replace(part, target)
     return digest
 
@@ -127,9 +155,11 @@ def fetch_senteval(
     checksums: dict[str, str],
     force: bool,
     progress: bool,
+    git_blobs: dict[str, str] | None = None,
 ) -> list[Path]:
     """Download the SentEval probing files into ``dest/senteval/probing/``."""
-    return [_fetch_file(t, dest, base_url, checksums, force, progress) for t in chosen_tasks("senteval", tasks)]
+    blobs = git_blobs or {}
+    return [_fetch_file(t, dest, base_url, checksums, force, progress, blobs) for t in chosen_tasks("senteval", tasks)]
 
 
 def chosen_tasks(collection: str, tasks: Sequence[str] | None) -> list[Task]:
@@ -142,7 +172,13 @@ def chosen_tasks(collection: str, tasks: Sequence[str] | None) -> list[Task]:
 
 
 def _fetch_file(
-    task: Task, dest: Path, base_url: str | None, checksums: dict[str, str], force: bool, progress: bool
+    task: Task,
+    dest: Path,
+    base_url: str | None,
+    checksums: dict[str, str],
+    force: bool,
+    progress: bool,
+    git_blobs: dict[str, str] | None = None,
 ) -> Path:
     target = dest / task.relpath
     fname = target.name
@@ -152,13 +188,14 @@ def _fetch_file(
     sums_path = target.parent / SUMS
     pinned = read_sums(sums_path)
     expected = checksums.get(fname) or task.sha256 or pinned.get(fname)
+    blob = (git_blobs or {}).get(fname) or (None if fname in checksums else task.options.get("git_blob"))
     if target.exists() and not force:
         digest = sha256_file(target)
-        if expected is None or digest == expected:
+        if (expected is None or digest == expected) and (not blob or git_blob_id(target) == blob):
             _pin(sums_path, fname, digest)
             return target
         print(f"{target}: checksum does not match the recorded one; downloading it again")
-    digest = download(url, target, expected, progress)
+    digest = download(url, target, expected, progress, git_blob=blob)
     _pin(sums_path, fname, digest)
     return target
 
