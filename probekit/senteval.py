@@ -71,15 +71,15 @@ def _cpu_module(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
 
 
 def _cpu_torch() -> types.SimpleNamespace:
-    """A stand-in for the ``torch`` and ``nn`` names of ``senteval.tools.classifier`` that keep everything on the CPU."""
+    """A stand-in for the ``torch`` and ``nn`` names of ``senteval.tools.classifier``: everything stays on the CPU."""
 
     def device(spec: Any, *args: Any) -> torch.device:
         return torch.device("cpu") if str(spec).startswith("cuda") else torch.device(spec, *args)
 
     def typed(dtype: torch.dtype) -> Callable[[Any], torch.Tensor]:
-        return lambda x: torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=dtype).as_subclass(
-            _CpuTensor
-        )
+        return lambda x: torch.as_tensor(
+            np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=dtype
+        ).as_subclass(_CpuTensor)
 
     t = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
     t.device, t.FloatTensor, t.LongTensor = device, typed(torch.float32), typed(torch.int64)

@@ -82,7 +82,9 @@ def test_interrupted_download_resumes_with_a_range_request(mirror: tuple[Path, s
     target = tmp_path / "d" / "senteval" / "probing" / "bigram_shift.txt"
     target.parent.mkdir(parents=True)
     Path(str(target) + ".part").write_bytes(source[:100])  # what a killed download leaves
-    fetch("senteval", dest=tmp_path / "d", tasks=["bigram_shift"], base_url=url, progress=False, git_blobs=blobs_of(root))
+    fetch(
+        "senteval", dest=tmp_path / "d", tasks=["bigram_shift"], base_url=url, progress=False, git_blobs=blobs_of(root)
+    )
     assert log == [("/bigram_shift.txt", "bytes=100-")]
     assert target.read_bytes() == source
 
@@ -133,7 +135,16 @@ def test_recorded_git_blob_ids_are_the_issue_s_and_verify_every_download(
     wrong = {"bigram_shift.txt": "0" * 40}
     with pytest.raises(ProbekitError, match="git blob id mismatch"):
         fetch("senteval", dest=tmp_path / "d", tasks=["BShift"], base_url=url, progress=False, git_blobs=wrong)
-    ok = fetch("senteval", dest=tmp_path / "d", tasks=["BShift"], base_url=url, progress=False, git_blobs={"bigram_shift.txt": got})
+    ok = fetch(
+        "senteval",
+        dest=tmp_path / "d",
+        tasks=["BShift"],
+        base_url=url,
+        progress=False,
+        git_blobs={"bigram_shift.txt": got},
+    )
     assert ok[0].read_bytes() == (root / "bigram_shift.txt").read_bytes()
-    result = CliRunner().invoke(app, ["data", "fetch", "senteval", "--dest", str(tmp_path / "c"), "--base-url", url, "-q"])
+    result = CliRunner().invoke(
+        app, ["data", "fetch", "senteval", "--dest", str(tmp_path / "c"), "--base-url", url, "-q"]
+    )
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "git blob id mismatch" in result.output

@@ -19,12 +19,14 @@ from probekit.finetune.variants import VARIANTS
 from probekit.offramp.methods import TRAINING_METHODS
 from probekit.offramp.policies import EXIT_POLICIES
 from probekit.probes import PROBE_KINDS
+from probekit.probes.protocols import PROTOCOLS
 from probekit.registry import Registry
 from probekit.report import SECTIONS
 from probekit.suite import STEPS
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "probe kinds": PROBE_KINDS,
+    "probe protocols": PROTOCOLS,
     "exit policies": EXIT_POLICIES,
     "off-ramp training methods": TRAINING_METHODS,
     "fine-tuning variants": VARIANTS,

@@ -28,7 +28,9 @@ def senteval_check_cmd(
     ] = None,
     senteval: Annotated[
         Path | None,
-        typer.Option("--senteval", help=f"SentEval checkout (the folder holding senteval/; default ${ENV}).", show_default=False),
+        typer.Option(
+            "--senteval", help=f"SentEval checkout (the folder holding senteval/; default ${ENV}).", show_default=False
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Save both sets of rows here (results.parquet, results.csv).")
@@ -43,7 +45,9 @@ def senteval_check_cmd(
         try:
             chosen = [int(x) for x in layers.split(",") if x.strip()]
         except ValueError:
-            raise typer.BadParameter(f"expected comma-separated layer numbers, got {layers!r}", param_hint="--layers") from None
+            raise typer.BadParameter(
+                f"expected comma-separated layer numbers, got {layers!r}", param_hint="--layers"
+            ) from None
     if out is not None:
         with writing(out):
             run = senteval_check(caches, str(protocol.value), chosen, senteval, out, progress=not quiet)
@@ -55,7 +59,14 @@ def senteval_check_cmd(
     for col in ("task", "layer", "split", "probekit", "senteval", "diff"):
         shown.add_column(col, justify="left" if col in ("task", "split") else "right")
     for r in table.itertuples():
-        shown.add_row(r.task, str(r.layer), r.split, f"{100 * r.probekit:.2f}", f"{100 * r.senteval:.2f}", f"{round(r.diff, 2) + 0.0:+.2f}")
+        shown.add_row(
+            r.task,
+            str(r.layer),
+            r.split,
+            f"{100 * r.probekit:.2f}",
+            f"{100 * r.senteval:.2f}",
+            f"{round(r.diff, 2) + 0.0:+.2f}",
+        )
     console.print(shown)
     for split in ("dev", "test"):
         d = table[table["split"] == split]["diff"].abs()

@@ -41,7 +41,9 @@ def cache_sentences(cache: LayerCache) -> dict[str, list[str]]:
     texts = {s: list(td.splits[s].texts) for s in SPLITS}
     for s in SPLITS:
         if len(texts[s]) != cache.manifest["splits"][s]["n"]:
-            raise ProbekitError(f"{cache.path}: {path} has {len(texts[s])} {s} rows, the cache {cache.manifest['splits'][s]['n']}")
+            raise ProbekitError(
+                f"{cache.path}: {path} has {len(texts[s])} {s} rows, the cache {cache.manifest['splits'][s]['n']}"
+            )
     return texts
 
 

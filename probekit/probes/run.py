@@ -296,7 +296,9 @@ def _probe(
         t0 = time.perf_counter()
         lp = _member(template, c.task, seed=seed, device=dev)
         order = _order(c) if proto is not None and proto.senteval_order else None
-        lp.fit(feats["train"], c.labels("train"), feats["dev"], c.labels("dev"), layers=layers, callback=step, order=order)
+        lp.fit(
+            feats["train"], c.labels("train"), feats["dev"], c.labels("dev"), layers=layers, callback=step, order=order
+        )
         timings["fit"] += time.perf_counter() - t0
         if lp.not_converged_:
             _warn_not_converged(lp, c.task, seed)

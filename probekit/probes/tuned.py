@@ -43,7 +43,9 @@ class TunedProbe(LayerwiseProbe):
         callback: Callable[[int, int], None] | None = None,
         order: Any = None,
     ) -> TunedProbe:
-        self.members_ = [m.fit(X, y, X_dev, y_dev, layers=layers, callback=callback, order=order) for m in self._members()]
+        self.members_ = [
+            m.fit(X, y, X_dev, y_dev, layers=layers, callback=callback, order=order) for m in self._members()
+        ]
         first = self.members_[0]
         self.kind_, self.config_, self.estimator_ = first.kind_, first.config_, first.estimator_
         self.device_, self.layers_, self.classes_ = first.device_, first.layers_, first.classes_

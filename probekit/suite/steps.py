@@ -17,9 +17,9 @@ from typing import Any
 
 from probekit import extraction, probes, report
 from probekit.backbone import check_device
-from probekit.config import Config, option
+from probekit.config import Config, option, split_options
 from probekit.data import get_task, locate
-from probekit.errors import ProbekitError
+from probekit.errors import ParamError, ProbekitError
 from probekit.extraction import ExtractConfig
 from probekit.finetune import (
     GRIDS,
@@ -34,6 +34,7 @@ from probekit.finetune.variants import variant_options
 from probekit.io import atomic_path, read_json, sha256_file
 from probekit.probes import PROBE_KINDS
 from probekit.probes.layerwise import kind_config
+from probekit.probes.protocols import PROTOCOLS
 from probekit.report import MARKER, ReportConfig
 from probekit.suite.base import STEPS, Step, SuiteRun, SuiteStep, shown
 from probekit.suite.file import Suite, check_tasks
@@ -163,7 +164,8 @@ class FinetuneStep(SuiteStep):
 class ProbeTable(Config):
     component = "[probe]"
     tasks: tuple[str, ...] = option(help="SentEval tasks (or SentEval-format files, relative to the suite file).")
-    kind: str = option("linear", "Probe kind.", choices=PROBE_KINDS.names)
+    kind: str = option("linear", "Probe kind (with a protocol: the protocol's).", choices=PROBE_KINDS.names)
+    protocol: str | None = option(None, "Protocol preset (sets the kind and its options).", choices=PROTOCOLS.names)
     seeds: int | tuple[int, ...] = option(1, "A count (seeds 0..n-1) or a list.", ge=0)
     control: bool = option(True, "Shuffled-label control probe.")
     grid: tuple[float, ...] | None = option(None, "Regularisation grid (default: the kind's).", gt=0)
@@ -192,7 +194,8 @@ class ProbeStep(SuiteStep):
     @classmethod
     def components(cls) -> Sequence[type[Config]]:
         kinds = [k.Config for _, k in PROBE_KINDS.items()]
-        return (*dict.fromkeys(kinds), ExtractConfig)
+        protocols = [p.Config for _, p in PROTOCOLS.items() if p.Config.field_names()]
+        return (*dict.fromkeys(kinds + protocols), ExtractConfig)
 
     def check(self, suite: Suite) -> None:
         cfg: ProbeTable = self.config  # type: ignore[assignment]
@@ -202,7 +205,15 @@ class ProbeStep(SuiteStep):
         self.extract_options = {k: v for k, v in self.options.items() if k in _extract_keys()}
         self.probe_options = {**cfg.options, **{k: v for k, v in self.options.items() if k not in _extract_keys()}}
         ExtractConfig.from_mapping(self.extract_options)
-        kind_config(cfg.kind, cfg.grid, **self.probe_options)
+        kind_options = self.probe_options
+        if cfg.protocol is not None:
+            proto = PROTOCOLS.get(cfg.protocol)
+            own, kind_options = split_options(self.probe_options, proto.Config)
+            proto.Config.from_mapping(own)
+            if cfg.kind not in ("linear", proto.kind):
+                raise ParamError("kind", f"the {cfg.protocol} protocol trains the {proto.kind} probe; leave it out")
+            self.config = cfg = cfg.replace(kind=proto.kind)
+        kind_config(cfg.kind, cfg.grid, **kind_options)
 
     def run(self, run: SuiteRun) -> None:
         for name, m in run.models.items():
@@ -257,6 +268,7 @@ class ProbeStep(SuiteStep):
             "control": pr.control,
             "options": dict(self.probe_options),
             "device": pr.device,
+            **({"protocol": pr.protocol} if pr.protocol is not None else {}),
         }
         settings = {"caches": [read_json(Path(c) / "manifest.json")["key"] for c in caches], **options}
         out = s.results_dir(name)
@@ -271,6 +283,7 @@ class ProbeStep(SuiteStep):
                 device=options["device"],
                 out=out,
                 progress=run.progress,
+                protocol=options.get("protocol"),
                 **options["options"],
             )
             return f"{len(result.results)} rows"
