@@ -142,13 +142,14 @@ def cache_batcher(cache: LayerCache, layer: int) -> tuple[Callable[..., Any], Ca
     return prepare, batcher
 
 
-def engine_params(protocol: str, seed: int = 1111) -> dict[str, Any]:
-    """SentEval's ``params`` for a protocol: ``senteval`` its default (PyTorch logistic regression),
+def engine_params(protocol: str, seed: int = 1111, classifier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """SentEval's ``params`` for a protocol: ``senteval`` its default (PyTorch logistic regression;
+    ``classifier`` overrides its classifier settings, e.g. ``{"nhid": 50, "dropout": 0.1}`` for an MLP),
     ``senteval-sklearn`` its ``usepytorch=False`` path."""
     if protocol == "senteval-sklearn":
         return {"usepytorch": False, "kfold": 10, "seed": seed, "classifier": {"nhid": 0}}
     if protocol == "senteval":
-        clf = {"nhid": 0, "optim": "adam", "batch_size": 64, "tenacity": 5, "epoch_size": 4}
+        clf = {"nhid": 0, "optim": "adam", "batch_size": 64, "tenacity": 5, "epoch_size": 4, **(classifier or {})}
         return {"usepytorch": True, "kfold": 10, "seed": seed, "classifier": clf}
     raise ProbekitError(f"senteval-check runs the protocols senteval and senteval-sklearn, not {protocol!r}")
 
@@ -160,6 +161,7 @@ def run_engine(
     seed: int = 1111,
     senteval_path: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
+    classifier: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The original engine on each layer of a cache (the probing task SentEval knows by the cache's task, on the
     data file the cache was extracted from): tidy rows of dev and test ``acc`` (``source="senteval"``)."""
@@ -167,7 +169,7 @@ def run_engine(
         raise ProbekitError(f"{cache.task}: SentEval knows only its ten probing tasks ({', '.join(SENTEVAL_NAMES)})")
     senteval = load_senteval(senteval_path)
     name, fname = SENTEVAL_NAMES[cache.task]
-    params = engine_params(protocol, seed)
+    params = engine_params(protocol, seed, classifier)
     layers = list(range(cache.n_layers)) if layers is None else list(layers)
     data = Path(cache.manifest["data"]["path"])
     out = []

@@ -1,0 +1,242 @@
+"""SentEval, exactly: the original engine (../shared/third_party/SentEval) run inside the tests as the reference.
+
+- the batched ``senteval`` protocol against a per-layer, per-L2 loop of SentEval's classifier written plainly here;
+- the compatibility shim: SentEval's own ``SE(...).eval("BigramShift")`` on the CPU with a probekit batcher;
+- parity on real MiniLM features of three shared tasks, every layer, subsampled to 200 train / 100 dev / 200 test
+  rows per task (the first rows of each split of the shared sample) to keep the engine's time short;
+- the protocol presets: ``jawahar2019`` refuses a mean-pooled cache, the ``protocol`` column and its migration.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+import probekit
+from probekit.cache import LayerCache
+from probekit.cli import app
+from probekit.extraction import extract
+from probekit.probes.layerwise import LayerwiseProbe
+from probekit.probes.order import cache_order
+from probekit.results import load_results
+from probekit.senteval import cache_batcher, load_senteval, run_engine
+from tests.helpers import toy_senteval
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY_TASKS = ("bigram_shift", "past_present", "subj_number")
+SAMPLE = {"tr": 200, "va": 100, "te": 200}
+
+
+@pytest.fixture(scope="session")
+def senteval_path() -> Path:
+    path = Path(os.environ.get("PROBEKIT_SENTEVAL", REPO.parent / "shared" / "third_party" / "SentEval"))
+    if not (path / "senteval" / "engine.py").is_file():
+        pytest.skip(f"SentEval's code not found at {path} (set PROBEKIT_SENTEVAL)")
+    return path
+
+
+# ---------------------------------------------------------------- the batched protocol against a plain loop
+
+
+def plain_senteval(x, y, xd, yd, xt, yt, l2: float, seed: int = 1111) -> tuple[float, float]:
+    """SentEval's PyTorchClassifier.fit with nhid=0, written out: re-seed, nn.Linear, Adam with weight_decay,
+    one np.random.permutation per epoch, mean loss, a dev check every 4 epochs, the never-reset tenacity counter."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=l2)
+    best, best_model, count, nepoch = -1.0, None, 0, 0
+    while nepoch <= 200:
+        for _ in range(4):
+            perm = np.random.permutation(len(x))
+            for i in range(0, len(x), 64):
+                idx = torch.from_numpy(perm[i : i + 64])
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        nepoch += 4
+        with torch.no_grad():
+            acc = float((model(xd).argmax(1) == yd).float().mean())
+        if acc > best:
+            best, best_model = acc, copy.deepcopy(model)
+        else:
+            if count >= 5:
+                break
+            count += 1
+    with torch.no_grad():
+        return best, float((best_model(xt).argmax(1) == yt).float().mean())
+
+
+def test_batched_senteval_protocol_equals_a_plain_per_layer_per_l2_loop() -> None:
+    rng = np.random.default_rng(0)
+    n, d, k, layers = (240, 80, 160), 12, 3, 3
+    centres = rng.normal(size=(k, d))
+    splits = []
+    for m in n:
+        y = rng.integers(0, k, m)
+        x = np.stack([centres[y] * s + rng.normal(size=(m, d)) for s in (0.2, 0.5, 1.0)], axis=1)  # [m, L, D]
+        splits.append((x.astype(np.float32), y))
+    (x, y), (xd, yd), (xt, yt) = splits
+    order = rng.permutation(n[0])  # SentEval's row order: row order[j] is its j-th
+    grid = (1e-5, 1e-4, 1e-3, 1e-2)
+    lp = LayerwiseProbe(kind="mlp", nhid=0, grid=grid, control=False, device="cpu").fit(x, y, xd, yd, order=order)
+    test = lp.score(xt, yt)
+    for layer in range(layers):
+        t = [torch.from_numpy(a) for a in (x[order, layer], y[order], xd[:, layer], yd, xt[:, layer], yt)]
+        runs = [plain_senteval(*t, l2=l2) for l2 in grid]
+        dev = [round(100 * r[0], 2) for r in runs]
+        best = int(np.argmax(dev))  # SentEval: the first best rounded dev score
+        assert lp.best_reg_[layer] == grid[best], (layer, dev, lp.dev_scores_[layer])
+        assert abs(100 * test[layer] - 100 * runs[best][1]) <= 0.5
+        np.testing.assert_allclose(100 * lp.dev_scores_[layer, 0], [100 * r[0] for r in runs], atol=0.5)
+
+
+# ---------------------------------------------------------------- the engine itself
+
+
+def test_senteval_engine_runs_on_cpu_with_a_probekit_batcher(
+    senteval_path: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """SentEval's own SE(params, batcher, prepare).eval("BigramShift") on Python 3.11+ without CUDA, fed from a
+    probekit cache; its numbers are the ``senteval`` protocol's (same seed)."""
+    data = toy_senteval(tmp_path / "tasks" / "probing" / "bigram_shift.txt", n=(80, 30, 40))
+    (cache,) = extract(tiny_model, [data], out=tmp_path / "caches", progress=False, device="cpu")
+    senteval = load_senteval(senteval_path)
+    prepare, batcher = cache_batcher(cache, 2)
+    params = {"task_path": str(tmp_path / "tasks"), "usepytorch": True, "kfold": 10}
+    params["classifier"] = {"nhid": 0, "optim": "adam", "batch_size": 64, "tenacity": 5, "epoch_size": 4}
+    res = senteval.engine.SE(params, batcher, prepare).eval("BigramShift")
+    assert res["ndev"] == 30 and res["ntest"] == 40
+    lp = LayerwiseProbe(kind="mlp", nhid=0, control=False, device="cpu")
+    lp.fit(
+        cache["train"], cache.labels("train"), cache["dev"], cache.labels("dev"), layers=[2], order=cache_order(cache)
+    )
+    assert abs(100 * lp.dev_scores_[0, 0].max() - res["devacc"]) <= 0.5
+    assert abs(100 * lp.score(cache["test"], cache.labels("test"))[0] - res["acc"]) <= 0.5
+
+
+# ---------------------------------------------------------------- parity on real features
+
+
+@pytest.fixture(scope="session")
+def parity_caches(minilm: Path, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[LayerCache]:
+    root = tmp_path_factory.mktemp("senteval-parity")
+    files = []
+    for task in PARITY_TASKS:
+        kept, seen = [], dict.fromkeys(SAMPLE, 0)
+        for line in (shared_data / "senteval" / "probing" / f"{task}.txt").read_text(encoding="utf-8").splitlines():
+            tag = line.split("\t")[0]
+            if seen[tag] < SAMPLE[tag]:
+                kept.append(line)
+                seen[tag] += 1
+        path = root / "probing" / f"{task}.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+        files.append(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return extract(minilm, files, out=root / "caches", progress=False, device="cpu", batch_size=64)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_ENGINE: dict[tuple[str, str], dict[int, float]] = {}
+
+
+def engine_test(cache: LayerCache, protocol: str, senteval_path: Path) -> dict[int, float]:
+    key = (str(cache.path), protocol)
+    if key not in _ENGINE:
+        rows = run_engine(cache, None, protocol, senteval_path=senteval_path)
+        _ENGINE[key] = {r["layer"]: r["value"] for r in rows if r["split"] == "test"}
+    return _ENGINE[key]
+
+
+def _diffs(cache: LayerCache, protocol: str, senteval_path: Path) -> np.ndarray:
+    theirs = engine_test(cache, protocol, senteval_path)
+    res = probekit.probe(cache, seeds=[0], control=False, progress=False, device="cpu", protocol=protocol).results
+    test = res[(res["metric"] == "acc") & (res["split"] == "test")]
+    assert set(test["protocol"]) == {protocol} and sorted(test["layer"]) == list(range(cache.n_layers))
+    return np.array([100 * (v - theirs[int(layer)]) for layer, v in zip(test["layer"], test["value"], strict=True)])
+
+
+def test_senteval_sklearn_protocol_matches_the_engine_on_minilm(
+    parity_caches: list[LayerCache], senteval_path: Path
+) -> None:
+    diffs = np.concatenate([_diffs(c, "senteval-sklearn", senteval_path) for c in parity_caches])
+    assert len(diffs) == 3 * 7
+    assert np.abs(diffs).mean() <= 0.5, diffs
+
+
+def test_senteval_protocol_matches_the_engine_on_minilm(parity_caches: list[LayerCache], senteval_path: Path) -> None:
+    diffs = np.concatenate([_diffs(c, "senteval", senteval_path) for c in parity_caches])
+    assert len(diffs) == 3 * 7
+    assert np.abs(diffs).mean() <= 1.0 and np.abs(diffs).max() <= 3.0, diffs
+
+
+def test_conneau2018_within_the_engine_s_seed_spread(parity_caches: list[LayerCache], senteval_path: Path) -> None:
+    """Conneau et al.'s tuning (here nhid 50 x dropout 0/0.1 x L2, on past_present's layers 1 and 5 to keep the
+    engine's time short): the engine run once per configuration and seed (1111, 1112, 1113), the best dev kept."""
+    cache = next(c for c in parity_caches if c.task == "past_present")
+    layers = [1, 5]
+    configs = [{"nhid": 50, "dropout": 0.0}, {"nhid": 50, "dropout": 0.1}]
+    engine = np.zeros((3, len(layers)))
+    for s in range(3):
+        runs = [run_engine(cache, layers, "senteval", 1111 + s, senteval_path, classifier=c) for c in configs]
+        for j, layer in enumerate(layers):
+            picked = [{r["split"]: r["value"] for r in run if r["layer"] == layer} for run in runs]
+            best = int(np.argmax([round(100 * p["dev"], 2) for p in picked]))
+            engine[s, j] = 100 * picked[best]["test"]
+    res = probekit.probe(
+        cache, seeds=[0], control=False, progress=False, device="cpu", protocol="conneau2018",
+        nhid_grid=[50], dropout_grid=[0.0, 0.1],
+    ).results  # fmt: skip
+    test = res[(res["metric"] == "acc") & (res["split"] == "test")].set_index("layer")
+    ours = 100 * test.loc[layers, "value"].to_numpy()
+    one = 100 / SAMPLE["te"]  # one test example
+    assert ((ours >= engine.min(0) - one) & (ours <= engine.max(0) + one)).all(), (ours, engine)
+    assert np.abs(ours - engine[0]).max() <= 0.5  # the same seed: SentEval's numbers
+    assert set(test["dropout"]) <= {0.0, 0.1} and "nhid" not in test.columns  # the options tuned: dropout
+
+
+# ---------------------------------------------------------------- presets, column, CLI
+
+
+def test_jawahar2019_refuses_a_mean_pooled_cache_in_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    (cache,) = extract(tiny_model, [toy_senteval(tmp_path / "toy.txt")], out=tmp_path / "c", progress=False)
+    result = CliRunner().invoke(app, ["probe", str(cache.path), "-o", str(tmp_path / "r"), "--protocol", "jawahar2019"])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "--pool cls" in result.output and "mean-pooled" in result.output
+    assert not (tmp_path / "r" / "results.parquet").exists()
+    result = CliRunner().invoke(
+        app, ["probe", str(cache.path), "-o", str(tmp_path / "r"), "--protocol", "senteval", "--probe", "linear"]
+    )
+    assert result.exit_code == 2 and "error: --probe: the senteval protocol trains the mlp probe" in result.output
+
+
+def test_jawahar2019_first_round_only_trains_one_round(tiny_model: Path, tmp_path: Path) -> None:
+    (cache,) = extract(tiny_model, [toy_senteval(tmp_path / "t.txt")], out=tmp_path / "c", pool="cls", progress=False)
+    run = probekit.probe(cache, protocol="jawahar2019", first_round_only=True, device="cpu", progress=False)
+    assert run.estimator.kind_ == "mlp" and (run.estimator.n_iter_ == 4).all()  # one epoch_size round
+    assert set(run.results["protocol"]) == {"jawahar2019"}
+    assert '"protocol_first_round_only": true' in run.results["settings"].iloc[0]
+
+
+def test_old_tables_migrate_linear_rows_to_senteval_sklearn(tmp_path: Path) -> None:
+    df = pd.DataFrame(
+        {"model": "m", "task": "t", "layer": [1, 1], "split": "test", "metric": "acc", "value": [0.5, 0.6]}
+        | {"source": "probe", "probe": ["linear", "mlp"]}
+    )
+    df.to_csv(tmp_path / "results.csv", index=False)
+    back = load_results(tmp_path / "results.csv")
+    assert back["protocol"].tolist()[0] == "senteval-sklearn" and pd.isna(back["protocol"].tolist()[1])
