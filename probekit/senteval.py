@@ -11,7 +11,8 @@ training loops are untouched.
 
 :func:`cache_batcher` gives a SentEval ``prepare``/``batcher`` pair over a probekit
 :class:`~probekit.cache.LayerCache` (a look-up by sentence: SentEval passes whitespace-
-tokenised sentences), so a SentEval user's script runs on probekit's extraction;
+tokenised sentences), and :func:`model_batcher` one over a model, a layer and a pooling, so a
+SentEval user's script runs on probekit's extraction;
 :func:`run_engine` runs the engine layer by layer on a cache and returns tidy rows
 (``source="senteval"``).
 """
@@ -34,7 +35,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probekit.backbone import Backbone, load_backbone
 from probekit.cache import LayerCache
+from probekit.encoding import encode
 from probekit.errors import ParamError, ProbekitError
 from probekit.metrics import wilson
 from probekit.probes.order import cache_sentences
@@ -138,6 +141,23 @@ def cache_batcher(cache: LayerCache, layer: int) -> tuple[Callable[..., Any], Ca
             split, i = index[key]
             rows.append(np.asarray(cache[split][i, layer], dtype=np.float32))
         return np.stack(rows)
+
+    return prepare, batcher
+
+
+def model_batcher(
+    model: str | Path | Backbone, layer: int, pool: str = "mean", max_length: int = 128, device: str = "auto"
+) -> tuple[Callable[..., Any], Callable[..., np.ndarray]]:
+    """SentEval's ``prepare`` and ``batcher`` from a model: each batch of tokenised sentences is re-joined with
+    spaces and encoded by probekit (``layer`` 0 = embeddings, ``pool`` as ``probekit extract --pool``)."""
+    backbone = model if isinstance(model, Backbone) else load_backbone(model, device=device)
+
+    def prepare(params: Any, samples: Any) -> None:
+        return None
+
+    def batcher(params: Any, batch: Sequence[Sequence[str]]) -> np.ndarray:
+        texts = [" ".join(words) if words else "." for words in batch]
+        return encode(backbone, texts, pool=pool, max_length=max_length, batch_size=len(texts))[:, layer]
 
     return prepare, batcher
 

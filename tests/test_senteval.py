@@ -28,7 +28,7 @@ from probekit.extraction import extract
 from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.order import cache_order
 from probekit.results import load_results
-from probekit.senteval import cache_batcher, load_senteval, run_engine
+from probekit.senteval import cache_batcher, load_senteval, model_batcher, run_engine
 from tests.helpers import toy_senteval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,3 +240,13 @@ def test_old_tables_migrate_linear_rows_to_senteval_sklearn(tmp_path: Path) -> N
     df.to_csv(tmp_path / "results.csv", index=False)
     back = load_results(tmp_path / "results.csv")
     assert back["protocol"].tolist()[0] == "senteval-sklearn" and pd.isna(back["protocol"].tolist()[1])
+
+
+def test_model_batcher_encodes_what_the_cache_holds(tiny_model: Path, tmp_path: Path) -> None:
+    """The batcher made from a model gives the features probekit's extraction cached for the same sentences."""
+    data = toy_senteval(tmp_path / "toy.txt")
+    (cache,) = extract(tiny_model, [data], out=tmp_path / "c", progress=False, device="cpu", storage_dtype="float32")
+    words = [line.split("\t")[-1].split() for line in data.read_text(encoding="utf-8").splitlines()[:5]]
+    _, from_model = model_batcher(tiny_model, 1, device="cpu")
+    _, from_cache = cache_batcher(cache, 1)
+    np.testing.assert_allclose(from_model(None, words), from_cache(None, words), atol=1e-5)
