@@ -89,6 +89,9 @@ def probe_rows(results: pd.DataFrame, split: str | None = None, metric: str | No
     for col in ("probe", "pool", "max_length", "data_sha256", "seed", "model_fingerprint", "ci_low", "ci_high", "n"):
         if col not in rows.columns:
             rows[col] = None
+    if "protocol" in rows.columns:  # a protocol other than the linear probe's own names its curves
+        named = rows["protocol"].notna() & (rows["protocol"] != "senteval-sklearn")
+        rows["probe"] = rows["probe"].astype(object).where(~named, rows["protocol"])
     for col in ("layer", "value", "ci_low", "ci_high", "n", "seed", "max_length"):
         rows[col] = pd.to_numeric(rows[col])
     _check_identity(rows)

@@ -41,11 +41,13 @@ def layer_table(results: pd.DataFrame, split: str = "test") -> list[dict[str, st
 
 
 def table_title(results: pd.DataFrame, split: str = "test") -> str:
-    probes = ", ".join(sorted(results["probe"].dropna().unique()))
+    label = ", ".join(sorted(results["probe"].dropna().unique())) + " probe"
+    if "protocol" in results.columns and results["protocol"].notna().any():
+        label += ", protocol " + ", ".join(sorted(results["protocol"].dropna().unique()))
     seeds = results["seed"].nunique()
     control = " / shuffled-label control" if (results["metric"] == "control_acc").any() else ""
     spread = ", mean±sd over seeds" if seeds > 1 else ""
-    return f"{split} accuracy % ({probes} probe{control}; {seeds} seed(s){spread})"
+    return f"{split} accuracy % ({label}{control}; {seeds} seed(s){spread})"
 
 
 def task_table(results: pd.DataFrame, split: str = "test") -> list[dict[str, str]]:
