@@ -25,6 +25,7 @@ step serves every problem of a layer, and the loss is the sum of the problems' m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -138,10 +139,13 @@ class MLPProbe(ProbeKind):
         decays = [decay.repeat_interleave(width)[None, None, :]] * 2
         if h:
             decays += [decay.repeat(n_layers)[:, None, None]] * 2
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+        linear = not h  # logistic regression: hand-written gradient and Adam step (no autograd; the same arithmetic)
+        opt = None if linear else torch.optim.Adam(params, lr=cfg.lr)
+        step = _LinearStep(params, decays[0], cfg.lr, k) if linear else None
         perm_rng = np.random.RandomState(seed)  # SentEval's np.random.seed(seed)
         sets = torch.arange(q, device=device) // g
         targets = Y[sets]  # [Q, N]
+        onehot = F.one_hot(Y, k).to(dtype).permute(1, 0, 2)[:, sets].reshape(n, q * k) if linear else None  # [N, Q*K]
         x_dev, y_dev = dev
         best_acc = torch.full((n_layers, q), -1.0, device=device)
         best = [p.detach().clone() for p in params]
@@ -158,15 +162,18 @@ class MLPProbe(ProbeKind):
                     if h and cfg.dropout > 0:  # SentEval's nn.Dropout on the CPU: one bernoulli_ draw per batch
                         mask = torch.empty(len(idx), h).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
                         mask = mask.to(device=device, dtype=dtype).repeat(1, q)[None]
+                    if step is not None:
+                        step(X[:, idx], onehot[idx])  # type: ignore[index]
+                        continue
                     logits = self._forward(params, X[:, idx], mask=mask)  # [L, Q, B, K]
                     yb = targets[:, idx].expand(n_layers, -1, -1)
                     loss = F.cross_entropy(logits.reshape(-1, k), yb.reshape(-1), reduction="sum") / len(idx)
-                    opt.zero_grad(set_to_none=False)
+                    opt.zero_grad(set_to_none=False)  # type: ignore[union-attr]
                     loss.backward()
                     with torch.no_grad():
                         for p, wd in zip(params, decays, strict=True):
                             p.grad.add_(p * wd)  # Adam's coupled weight decay, one strength per problem
-                    opt.step()
+                    opt.step()  # type: ignore[union-attr]
             epoch += cfg.epoch_size
             rounds += 1
             epochs += running.long() * cfg.epoch_size
@@ -215,6 +222,35 @@ class MLPProbe(ProbeKind):
     def predict(self, X: torch.Tensor) -> torch.Tensor:
         pred = self._predict_with(self.params_, X)  # [L, Q, M]
         return pred.view(X.shape[0], self.n_sets_, len(self.grid), -1)
+
+
+class _LinearStep:
+    """One Adam step of every logistic-regression problem on a mini-batch, written out: the gradient of the mean
+    cross-entropy (``(softmax - onehot) / B``), plus the coupled weight decay, then ``torch.optim.Adam``'s
+    single-tensor update (``lerp_``, ``addcmul_``, bias corrections, ``addcdiv_``) on [L, D, Q*K] and [L, 1, Q*K]."""
+
+    def __init__(self, params: list[torch.Tensor], decay: torch.Tensor, lr: float, k: int) -> None:
+        self.w, self.b = (p.detach() for p in params)
+        self.decay, self.lr, self.k = decay, lr, k
+        self.m = [torch.zeros_like(self.w), torch.zeros_like(self.b)]
+        self.v = [torch.zeros_like(self.w), torch.zeros_like(self.b)]
+        self.t = 0
+
+    def __call__(self, x: torch.Tensor, onehot: torch.Tensor) -> None:
+        n_layers, b, _ = x.shape
+        z = torch.baddbmm(self.b, x, self.w)  # [L, B, Q*K]
+        p = torch.softmax(z.view(n_layers, b, -1, self.k), dim=-1).view(n_layers, b, -1)
+        r = (p - onehot).div_(b)
+        grads = [torch.bmm(x.transpose(1, 2), r), r.sum(1, keepdim=True)]
+        self.t += 1
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        step_size = self.lr / (1 - beta1**self.t)
+        bc2_sqrt = math.sqrt(1 - beta2**self.t)
+        for param, grad, m, v in zip((self.w, self.b), grads, self.m, self.v, strict=True):
+            grad.add_(param * self.decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            param.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
 
 
 def _expand_mask(mask: torch.Tensor, j: int, n_layers: int, q: int, h: int) -> torch.Tensor:
