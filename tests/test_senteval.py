@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from probekit.cli import app
 from probekit.extraction import extract
 from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.order import cache_order
-from probekit.results import load_results
+from probekit.errors import ConvergenceWarning
+from probekit.results import load_results, validate
 from probekit.senteval import cache_batcher, load_senteval, model_batcher, run_engine
 from tests.helpers import toy_senteval
 
@@ -250,3 +252,18 @@ def test_model_batcher_encodes_what_the_cache_holds(tiny_model: Path, tmp_path: 
     _, from_model = model_batcher(tiny_model, 1, device="cpu")
     _, from_cache = cache_batcher(cache, 1)
     np.testing.assert_allclose(from_model(None, words), from_cache(None, words), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["senteval-sklearn", "senteval", "conneau2018", "jawahar2019"])
+def test_every_protocol_fits_writes_valid_rows_and_resumes(name: str, tiny_model: Path, tmp_path: Path) -> None:
+    (cache,) = extract(tiny_model, [toy_senteval(tmp_path / "t.txt")], out=tmp_path / "c", pool="cls", progress=False)
+    opts = {} if name == "senteval-sklearn" else {"max_epoch": 8}  # a short run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        run = probekit.probe(cache, protocol=name, device="cpu", progress=False, out=tmp_path / "r", **opts)
+        validate(run.results)
+        assert set(run.results["protocol"]) == {name} and run.details["fitted"] == 1
+        again = probekit.probe(cache, protocol=name, device="cpu", progress=False, out=tmp_path / "r", **opts)
+    assert again.details["reused"] == 1 and again.details["fitted"] == 0
+    if name != "senteval-sklearn":
+        assert set(run.results["probe"]) == {"mlp"}
