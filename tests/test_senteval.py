@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 import probekit
 from probekit.cache import LayerCache
 from probekit.cli import app
+from probekit.errors import ConvergenceWarning
 from probekit.extraction import extract
 from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.order import cache_order
-from probekit.errors import ConvergenceWarning
 from probekit.results import load_results, validate
 from probekit.senteval import cache_batcher, load_senteval, model_batcher, run_engine
 from tests.helpers import toy_senteval
