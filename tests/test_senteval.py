@@ -25,12 +25,13 @@ from typer.testing import CliRunner
 import probekit
 from probekit.cache import LayerCache
 from probekit.cli import app
-from probekit.errors import ConvergenceWarning
+from probekit.errors import ConvergenceWarning, ProbekitError
 from probekit.extraction import extract
 from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.order import cache_order
 from probekit.results import load_results, validate
 from probekit.senteval import cache_batcher, load_senteval, model_batcher, run_engine
+from probekit.suite import load_suite, run_suite
 from tests.helpers import toy_senteval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,3 +268,23 @@ def test_every_protocol_fits_writes_valid_rows_and_resumes(name: str, tiny_model
     assert again.details["reused"] == 1 and again.details["fitted"] == 0
     if name != "senteval-sklearn":
         assert set(run.results["probe"]) == {"mlp"}
+
+
+def test_a_suite_probes_with_a_protocol(tiny_model: Path, tmp_path: Path) -> None:
+    toy_senteval(tmp_path / "toy_a.txt", seed=1)
+    suite = tmp_path / "study.toml"
+    suite.write_text(
+        f'name = "p"\nout = "runs"\n\n[model]\nname = "tiny"\npath = "{tiny_model}"\n\n'
+        '[probe]\ntasks = ["toy_a.txt"]\nmax_length = 32\nprotocol = "senteval"\nmax_epoch = 8\n',
+        encoding="utf-8",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        run_suite(suite, progress=False)
+    results = load_results(tmp_path / "runs" / "results" / "tiny")
+    probe_rows = results[results["source"] == "probe"]
+    assert set(probe_rows["protocol"]) == {"senteval"} and set(probe_rows["probe"]) == {"mlp"}
+    bad = suite.read_text(encoding="utf-8").replace('protocol = "senteval"', 'protocol = "senteval"\nkind = "linear2"')
+    suite.write_text(bad, encoding="utf-8")
+    with pytest.raises(ProbekitError, match="kind"):
+        load_suite(suite)

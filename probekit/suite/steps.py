@@ -212,7 +212,7 @@ class ProbeStep(SuiteStep):
             proto.Config.from_mapping(own)
             if cfg.kind not in ("linear", proto.kind):
                 raise ParamError("kind", f"the {cfg.protocol} protocol trains the {proto.kind} probe; leave it out")
-            self.config = cfg = cfg.replace(kind=proto.kind)
+            self.config = cfg = self.config.replace(kind=proto.kind)  # type: ignore[attr-defined]
         kind_config(cfg.kind, cfg.grid, **kind_options)
 
     def run(self, run: SuiteRun) -> None:
