@@ -288,3 +288,22 @@ def test_a_suite_probes_with_a_protocol(tiny_model: Path, tmp_path: Path) -> Non
     suite.write_text(bad, encoding="utf-8")
     with pytest.raises(ProbekitError, match="kind"):
         load_suite(suite)
+
+
+def test_senteval_check_cli_prints_both_and_writes_tidy_rows(
+    senteval_path: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    data = toy_senteval(tmp_path / "d" / "bigram_shift.txt", n=(60, 20, 30))
+    (cache,) = extract(tiny_model, [data], out=tmp_path / "c", progress=False, device="cpu")
+    args = ["senteval-check", str(cache.path), "--layers", "1,2", "--senteval", str(senteval_path), "-q"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "probekit vs SentEval" in result.output and "mean |diff|" in result.output
+    rows = load_results(tmp_path / "r")
+    validate(rows)
+    assert set(rows["source"]) == {"probe", "senteval"} and set(rows["layer"]) == {1, 2}
+    assert set(rows["protocol"]) == {"senteval"}
+    bad = CliRunner().invoke(app, ["senteval-check", str(cache.path), "--layers", "9", "--senteval", str(senteval_path)])
+    assert bad.exit_code == 2 and "--layers" in bad.output and bad.output.count("\n") == 1
+    missing = CliRunner().invoke(app, ["senteval-check", str(cache.path), "--senteval", str(tmp_path)])
+    assert missing.exit_code == 2 and "not a SentEval checkout" in missing.output
