@@ -303,7 +303,7 @@ def test_senteval_check_cli_prints_both_and_writes_tidy_rows(
     validate(rows)
     assert set(rows["source"]) == {"probe", "senteval"} and set(rows["layer"]) == {1, 2}
     assert set(rows["protocol"]) == {"senteval"}
-    bad = CliRunner().invoke(app, ["senteval-check", str(cache.path), "--layers", "9", "--senteval", str(senteval_path)])
+    bad = CliRunner().invoke(app, [*args[:2], "--layers", "9", "--senteval", str(senteval_path)])
     assert bad.exit_code == 2 and "--layers" in bad.output and bad.output.count("\n") == 1
     missing = CliRunner().invoke(app, ["senteval-check", str(cache.path), "--senteval", str(tmp_path)])
     assert missing.exit_code == 2 and "not a SentEval checkout" in missing.output
