@@ -9,6 +9,8 @@
 Modules: :mod:`.base` (what a probe kind is, the registry :data:`PROBE_KINDS`), :mod:`.linear`
 (logistic regression, scikit-learn's objective), :mod:`.lbfgs` (the batched optimiser),
 :mod:`.mlp` (SentEval's MLP), :mod:`.layerwise` (selection, control, baselines, rows),
+:mod:`.protocols` (the literature's presets, :data:`PROTOCOLS`), :mod:`.tuned` (option sets tuned on dev),
+:mod:`.order` (SentEval's row order),
 :mod:`.run` (caches in, a ``Run`` out), :mod:`.table` (the printed summary).
 """
 
@@ -17,10 +19,13 @@ from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.linear import LinearConfig, LogisticProbe
 from probekit.probes.mlp import MLPConfig, MLPProbe
+from probekit.probes.protocols import PROTOCOLS, Protocol
 from probekit.probes.run import probe
+from probekit.probes.tuned import TunedProbe
 
 __all__ = [
     "PROBE_KINDS",
+    "PROTOCOLS",
     "KindConfig",
     "LayerwiseProbe",
     "LinearConfig",
@@ -28,6 +33,8 @@ __all__ = [
     "MLPConfig",
     "MLPProbe",
     "ProbeKind",
+    "Protocol",
+    "TunedProbe",
     "probe",
     "wilson",
 ]
