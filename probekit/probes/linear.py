@@ -77,14 +77,24 @@ class LogisticProbe(ProbeKind):
         n_classes: int,
         dev: tuple[torch.Tensor, torch.Tensor] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        weights: torch.Tensor | None = None,
     ) -> LogisticProbe:
+        """``weights`` [S, N] (optional, >= 0): each label set's weight per row, so that one call fits
+        problems on different subsets of the rows (0/1 weights: the nested prefixes of the MDL probe);
+        a set's objective is then its weighted mean loss plus ``||W||^2 / (2 C sum(weights))``,
+        scikit-learn's objective on the rows with weight 1."""
         n_layers, n, d = X.shape
         self.n_sets_ = Y.shape[0]
         self.k_ = k = 1 if n_classes == 2 else n_classes
         g = len(self.grid)
         q = self.n_sets_ * g
         device, dtype = X.device, X.dtype
-        lam = (1.0 / (torch.tensor(self.grid, dtype=torch.float64, device=device) * n)).repeat(self.n_sets_)  # [Q]
+        if weights is None:
+            n_q = torch.full((q,), float(n), dtype=torch.float64, device=device)
+        else:
+            weights = weights.to(device=device, dtype=dtype)
+            n_q = weights.double().sum(1).clamp(min=1.0).repeat_interleave(g)  # [Q] rows per problem
+        lam = 1.0 / (torch.tensor(self.grid, dtype=torch.float64, device=device).repeat(self.n_sets_) * n_q)  # [Q]
         mean, rot, eig = _whitening(X)
         counts = torch.bincount(Y[0], minlength=n_classes).double()
         prior = counts / counts.sum()
@@ -100,6 +110,7 @@ class LogisticProbe(ProbeKind):
         ).to(dtype)  # [L, Q, K, D+1]
         sets = torch.arange(q, device=device) // g
         lam_t = lam.to(dtype)
+        n_t = n_q.to(dtype)
         rows = BLOCK_ROWS if device.type == "cpu" else n  # a GPU wants large products
         block = max(1, min(rows, CHUNK_ELEMENTS // max(1, n_layers * q * k)))
 
@@ -114,6 +125,7 @@ class LogisticProbe(ProbeKind):
             wt = torch.bmm(th[..., :d].reshape(n_layers, m * k, d), rot.transpose(1, 2))
             bias = th[..., d].reshape(n_layers, m * k) - torch.bmm(wt, mean[:, :, None]).squeeze(2)
             lam_sel = lam_t[sel]  # [L, m]
+            n_sel = n_t[sel] if weights is not None else n  # [L, m] rows per problem
             loss = torch.zeros(n_layers, m, dtype=torch.float64, device=device)
             gw = torch.zeros_like(wt)
             rsum = torch.zeros(n_layers, m, k, dtype=dtype, device=device)
@@ -122,13 +134,23 @@ class LogisticProbe(ProbeKind):
                 yb = Y[:, i : i + block][sets[sel]]  # [L, m, B]
                 z = (torch.bmm(wt, xb.transpose(1, 2)) + bias[:, :, None]).view(n_layers, m, k, -1)
                 lb, resid = _loss_resid(z, yb)
+                if weights is not None:
+                    wb = weights[:, i : i + block][sets[sel]]  # [L, m, B]
+                    lb, resid = lb * wb, resid * wb[:, :, None, :]
                 loss += lb.sum(-1, dtype=torch.float64)
                 rsum += resid.sum(-1)
                 gw += torch.bmm(resid.view(n_layers, m * k, -1), xb)
-            rmean = (rsum / n).view(n_layers, m * k, 1)
+            if weights is None:
+                rmean = (rsum / n).view(n_layers, m * k, 1)
+                gw = gw / n
+                loss = loss / n
+            else:
+                rmean = (rsum / n_sel[:, :, None]).view(n_layers, m * k, 1)
+                gw = gw / n_sel.repeat_interleave(k, dim=1)[:, :, None]
+                loss = loss / n_sel.double()
             wpen = lam_sel.repeat_interleave(k, dim=1)[:, :, None] * wt
-            gw = gw / n - rmean * mean[:, None, :] + wpen  # d/dW with centred features (+ penalty)
-            f = loss / n + 0.5 * lam_sel.double() * (wt.double() ** 2).view(n_layers, m, -1).sum(-1)
+            gw = gw - rmean * mean[:, None, :] + wpen  # d/dW with centred features (+ penalty)
+            f = loss + 0.5 * lam_sel.double() * (wt.double() ** 2).view(n_layers, m, -1).sum(-1)
             gv = torch.bmm(gw, rot).view(n_layers, m, k, d)
             grad = torch.cat([gv, rmean.view(n_layers, m, k, 1)], dim=3) * s
             # original coordinates: dW = mean x r + lam W = gw + mean(r) * mu, db = mean(r)

@@ -2,7 +2,7 @@
 
 For every cache (one task of one model) and seed it fits a :class:`LayerwiseProbe` on all
 layers and writes one row per layer, split (dev, test) and metric (``acc``,
-``control_acc``, ``selectivity``, ``majority_acc``), in the vocabulary of
+``control_acc``, ``control_gap``, ``majority_acc``; the MDL probe's codelengths on ``train``), in the vocabulary of
 :mod:`probekit.results`. Each cache's features are read (and moved to the device) once,
 whatever the number of seeds. With ``out`` the table is saved after every task and seed,
 and a later run with the same settings skips what is already there.
@@ -353,7 +353,7 @@ def result_rows(
         "reg_name": lp.estimator_.reg_name,
         "cache_key": m.get("key"),
     }
-    rows = []
+    rows = lp.train_rows(**columns)
     for split in REPORTED:
         rows += lp.rows(feats[split], cache.labels(split), split, **columns)
     return rows

@@ -54,7 +54,7 @@ class ReportConfig(Config):
 
     component = "the report"
     split: str | None = option(None, "Probe split to report (default: test, else dev).")
-    metric: str = option("acc", "Probe metric: acc, selectivity, control_acc.")
+    metric: str = option("acc", "Probe metric: acc, control_gap, control_acc.")
     top: int = option(4, "Highest layers averaged in the fine-tuning grid.", ge=1)
     title: str | None = option(None, "Page title (default: from the output folder).")
 
