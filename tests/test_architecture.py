@@ -28,7 +28,7 @@ LAYERS = [
     ["data"],
     ["backbone", "encoding", "cache", "distributed", "extraction"],
     ["probes", "mlm", "offramp", "finetune"],
-    ["analysis", "plot", "report"],
+    ["analysis", "stats", "plot", "report"],
     ["suite"],
     ["cli", "__init__", "__main__"],
 ]

@@ -244,6 +244,11 @@ class LayerwiseProbe:
             out["control"] = hits[:, 1]
         return out
 
+    def correct_each(self, X: Any, y: Any, split: str = "input") -> np.ndarray:
+        """Which examples of ``y`` each layer's selected probe gets right: bool [layers, M] (the paired
+        tests of :mod:`probekit.stats` resample these)."""
+        return (self._predict_ids(X, split)[:, 0] == self._map(y)).cpu().numpy()
+
     def rows(self, X: Any, y: Any, split: str = "test", **columns: Any) -> list[dict[str, Any]]:
         """Tidy rows (:func:`probekit.results.row`) of this probe on ``X`` / ``y``: per layer ``acc``,
         ``control_acc`` and ``control_gap`` (acc - control_acc; when fitted with the control) and ``majority_acc``, with

@@ -37,6 +37,7 @@ from probekit.io import remove_tree
 from probekit.paths import claim_output
 from probekit.probes.base import ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, resolve_kind
+from probekit.probes.predictions import from_probe, save_predictions
 from probekit.results import PARQUET, load_results, save_results, tidy
 from probekit.runs import Run
 
@@ -255,7 +256,9 @@ def _probe(
         if lp.not_converged_:
             _warn_not_converged(lp, c.task, seed)
         t0 = time.perf_counter()
-        new.extend(result_rows(lp, c, feats, settings_json))
+        fit_rows = result_rows(lp, c, feats, settings_json)
+        new.extend(fit_rows)
+        preds = None if out is None else fit_predictions(lp, c, feats, fit_rows[0])
         timings["score"] += time.perf_counter() - t0
         last = lp
         bar.update(1)
@@ -263,6 +266,8 @@ def _probe(
             save_results(tidy(new), Path(out) / PARTS / f"r{info.rank}")
         elif out is not None:
             save_results(tidy(kept + done + new), out)
+        if preds is not None and out is not None:  # after the results: OUT is marked as probekit's first
+            save_predictions(out, preds)
     bar.close()
     paths = {} if out is None else {"out": Path(out), "results": Path(out) / PARQUET}
     details = {"settings": settings, "fitted": len(todo), "reused": len(units) - len(todo)}
@@ -357,6 +362,12 @@ def result_rows(
     for split in REPORTED:
         rows += lp.rows(feats[split], cache.labels(split), split, **columns)
     return rows
+
+
+def fit_predictions(lp: LayerwiseProbe, cache: LayerCache, feats: dict[str, Any], first: dict[str, Any]) -> Any:
+    """Per-sentence correctness of one fit on the reported splits (:mod:`probekit.probes.predictions`)."""
+    identity = {k: first.get(k) for k in ("model", "task", "probe", "pool", "seed", "cache_key", "data_sha256")}
+    return from_probe(lp, identity, [(s, feats[s], cache.labels(s)) for s in REPORTED])
 
 
 def _scan(cache: LayerCache, feats: dict[str, torch.Tensor]) -> set[int]:
