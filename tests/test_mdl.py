@@ -3,6 +3,7 @@ here (SciPy's L-BFGS-B on scikit-learn's objective), a planted signal and the un
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from probekit import LayerwiseProbe, extract
 from probekit.cli import app
 from probekit.errors import ParamError
 from probekit.probes.mdl import FRACTIONS, ORDER_SEED, block_ends
+from probekit.report import build_report
 from probekit.results import validate
 from tests.helpers import toy_senteval
 
@@ -161,3 +163,9 @@ def test_runner_and_cli_write_codelength_rows(three_class_cache: Path, tmp_path:
     assert result.exit_code == 0, result.output
     cli = probekit.load_results(tmp_path / "cli")
     assert (cli.loc[cli["split"] == "train", "metric"] == "compression").sum() == 3  # 3 layers of the tiny model
+    report = build_report(tmp_path / "cli", tmp_path / "report")
+    sections = json.loads((report / "report.json").read_text())["sections"]
+    assert {"mdl", "convexity-paired", "probing"} <= set(sections)
+    assert (report / "figures" / "mdl-compression-heatmap.png").is_file()
+    summary = (report / "summary.md").read_text()
+    assert "tasks drop significantly" in summary and "peak layer by compression" in summary

@@ -22,6 +22,7 @@ from probekit.data.corpus import window_passages
 from probekit.mlm import mlm_probe
 from probekit.mlm.intervals import dip_recovery, passage_intervals
 from probekit.mlm.kernels import MLMHeads
+from probekit.report import build_report
 from tests.helpers import random_sentence, tiny_tokenizer, tiny_vocab
 from tests.test_mlm import mlm_cli, sentences
 
@@ -51,6 +52,9 @@ def test_heldout_passages_never_enter_the_ratio_choice(
     held_windows = {tuple(ids) for ids in window_passages(tok, parts["heldout"], 128).input_ids}
     assert seen and all(not held_windows & set(windows) for windows in seen)
     assert json.loads(run.results["settings"].iloc[0])["sweep"]["n_validation_passages"] == 15
+    report = build_report(tmp_path / "out", tmp_path / "report")
+    assert "mlm-dip" in json.loads((report / "report.json").read_text())["sections"]
+    assert "recovery" in (report / "summary.md").read_text()
 
 
 def test_passage_intervals_follow_the_passages_not_the_tokens() -> None:

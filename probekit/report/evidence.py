@@ -109,7 +109,7 @@ def mdl(results: pd.DataFrame, ctx: Context) -> Section | None:
 @section("convexity-paired")
 def convexity_paired(results: pd.DataFrame, ctx: Context) -> Section | None:
     """Paired bootstrap of acc(peak) - acc(last) on the same test sentences, seeds combined, Holm across tasks."""
-    preds = [p for p in ctx.predictions if p.probe != "mdl"]
+    preds = ctx.predictions
     split = ctx.probe_split or "test"
     if not preds or not all(split in p.correct for p in preds):
         return None
@@ -192,6 +192,56 @@ def deltas_paired(results: pd.DataFrame, ctx: Context) -> Section | None:
                 "bootstrap interval, p and Holm-adjusted p across the layers and tasks of each model.",
                 highlight=table["significant"].astype(bool),
                 max_rows=200,
+            )
+        ],
+        summary=summary,
+    )
+
+
+@section("mlm-dip")
+def mlm_dip(results: pd.DataFrame, ctx: Context) -> Section | None:
+    """The MLM-head curve's dip among the upper layers and the recovery at the last one, per model."""
+    rows = ctx.sources("mlm-probe")
+    stat = rows[rows["metric"].isin(["mlm_dip_layer", "mlm_recovery"])]
+    if stat.empty:
+        return None
+    keys = ["model", "task", "seed"]
+    dip = stat[stat["metric"] == "mlm_dip_layer"].set_index(keys)["value"]
+    rec = stat[stat["metric"] == "mlm_recovery"].set_index(keys)[["value", "ci_low", "ci_high"]]
+    table = rec.join(dip.rename("dip_layer")).reset_index().rename(columns={"value": "recovery"})
+    last = rows[rows["metric"] == "mlm_acc"].groupby(keys)["layer"].max().rename("last_layer")
+    table = table.join(last, on=keys)
+    table["recovers"] = table["ci_low"] > 0
+    display = pd.DataFrame(
+        {
+            "model": table["model"],
+            "corpus": table["task"],
+            "dip layer (upper half)": table["dip_layer"].astype(int).astype(str)
+            + " / "
+            + table["last_layer"].astype(str),
+            "recovery acc(L) - acc(L-1)": table["recovery"].map(lambda v: plot.signed(100 * v)),
+            "95% CI (passages)": [
+                f"[{100 * a:+.2f}, {100 * b:+.2f}]" for a, b in zip(table["ci_low"], table["ci_high"], strict=True)
+            ],
+            "recovers?": table["recovers"].map({True: "yes", False: "no"}),
+        }
+    )
+    summary = [
+        f"- {r.model} ({r.task}): dip at layer {int(r.dip_layer)} of {r.last_layer}; recovery "
+        f"{plot.signed(100 * r.recovery)} points [{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]"
+        for r in table.itertuples()
+    ]
+    return Section(
+        "MLM-head probe: dip and recovery",
+        [
+            TableItem(
+                "mlm-dip",
+                table,
+                "The layer of the lowest unmasked MLM-head accuracy among the upper half of the layers, and the "
+                "recovery at the last layer with its 95% passage-bootstrap interval (the convexity paper's claim: "
+                "a minimum at the penultimate layer and a rise at the last).",
+                display=display,
+                highlight=table["recovers"].astype(bool),
             )
         ],
         summary=summary,
