@@ -28,8 +28,8 @@ from probekit._version import __version__
 from probekit.config import Config, option
 from probekit.errors import ProbekitError
 from probekit.io import remove_tree, replace_dir, write_json
-from probekit.report import evidence as _evidence  # noqa: F401  (MDL and the paired tests, after them)
 from probekit.report import sections as _sections  # noqa: F401  (registers the sections)
+from probekit.report import sections_evidence as _evidence  # noqa: F401  (MDL, the paired tests: after them)
 from probekit.report.base import SECTIONS, Context, FigureItem, Section, TableItem, section
 from probekit.report.render import page_html, save_figure, summary_markdown
 from probekit.results import load_results
