@@ -3,17 +3,20 @@ approximation; Holm by hand; the per-sentence predictions the probe runner store
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import norm
 
 import probekit
 from probekit import extract, stats
 from probekit.probes.predictions import Predictions, load_predictions, save_predictions
-from tests.helpers import toy_senteval
+from probekit.report import build_report
+from tests.helpers import make_tiny_bert, toy_senteval
 
 
 def discordant(m_sent: int, n10: int, n01: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -108,3 +111,19 @@ def test_predictions_round_trip_and_the_runner_stores_them(tiny_model: Path, tmp
         want = acc[acc["seed"] == p.seed].sort_values("layer")["value"].to_numpy()
         assert np.allclose(p.accuracy("test"), want)
     assert len(stats.convexity_tests(preds, n_boot=200)) == 1
+
+
+def test_report_shows_paired_deltas_against_a_baseline(tiny_model: Path, tmp_path: Path) -> None:
+    data = toy_senteval(tmp_path / "toy.txt", n=(60, 24, 30))
+    other = make_tiny_bert(tmp_path / "other", seed=7)  # a second "model" on the same sentences
+    for name, model in (("base", tiny_model), ("tuned", other)):
+        extract(model, [data], out=tmp_path / "c", name=name, progress=False)
+        probekit.probe(tmp_path / "c" / name, device="cpu", out=tmp_path / name, progress=False)
+    report = build_report(tmp_path / "tuned", tmp_path / "report", baseline=tmp_path / "base")
+    assert {"deltas", "deltas-paired", "convexity-paired"} <= set(
+        json.loads((report / "report.json").read_text())["sections"]
+    )
+    table = pd.read_csv(report / "deltas-paired.csv")
+    assert set(table["model"]) == {"tuned"} and set(table["baseline"]) == {"base"} and len(table) == 3
+    base, tuned = (load_predictions(tmp_path / n)[0].correct["test"].mean(1) for n in ("base", "tuned"))
+    assert np.allclose(table.sort_values("layer")["delta"], tuned - base)

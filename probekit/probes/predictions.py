@@ -46,7 +46,9 @@ class Predictions:
 
 
 def file_name(identity: dict[str, Any]) -> str:
-    key = str(identity.get("cache_key") or "nokey")[:16]
+    """``<model>__<task>__<probe>__seed<k>__<cache key>.npz`` (names slugged)."""
+    key = identity.get("cache_key")
+    key = "nokey" if key is None or (isinstance(key, float) and key != key) else str(key)[:16]
     parts = [identity["model"], identity["task"], identity["probe"], f"seed{int(identity['seed'])}", key]
     return "__".join(slug(str(p)) for p in parts) + ".npz"
 

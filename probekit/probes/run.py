@@ -37,7 +37,7 @@ from probekit.io import remove_tree
 from probekit.paths import claim_output
 from probekit.probes.base import ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, resolve_kind
-from probekit.probes.predictions import from_probe, save_predictions
+from probekit.probes.predictions import FOLDER, file_name, from_probe, save_predictions
 from probekit.results import PARQUET, load_results, save_results, tidy
 from probekit.runs import Run
 
@@ -220,8 +220,11 @@ def _probe(
         others = previous[~mine]
         if resume:
             same = _same_fit(previous, settings)
-            done = previous[mine & same].to_dict("records")
-            done_keys = set(_keys(previous[mine & same]))
+            # a fit whose per-sentence predictions are missing (killed between the two writes, or made by an
+            # earlier version) is redone, so every fit in OUT has them
+            kept_fit = same & _has_predictions(previous, Path(out))
+            done = previous[mine & kept_fit].to_dict("records")
+            done_keys = set(_keys(previous[mine & kept_fit]))
             todo = [(c, s) for c, s in units if (c.manifest["key"], kind, s) not in done_keys]
             _warn_changed(previous[mine & ~same], settings)
     kept = [] if others is None else others.to_dict("records")
@@ -289,6 +292,21 @@ def _probe(
             remove_tree(Path(out) / PARTS)
     barrier()
     return finish(merged)
+
+
+def _has_predictions(previous: pd.DataFrame, out: Path) -> np.ndarray:
+    """Which rows of ``previous`` belong to a fit whose predictions file is in ``out``."""
+    cols = ("model", "task", "probe", "seed", "cache_key")
+    if any(c not in previous.columns for c in cols):
+        return np.zeros(len(previous), dtype=bool)
+    found: dict[tuple[Any, ...], bool] = {}
+    out_rows = []
+    for values in zip(*(previous[c] for c in cols), strict=True):
+        if values not in found:
+            ident = dict(zip(cols, values, strict=True))
+            found[values] = not pd.isna(ident["seed"]) and (out / FOLDER / file_name(ident)).is_file()
+        out_rows.append(found[values])
+    return np.array(out_rows, dtype=bool)
 
 
 def _same_fit(previous: pd.DataFrame, settings: dict[str, Any]) -> np.ndarray:
