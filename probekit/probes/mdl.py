@@ -132,7 +132,7 @@ class MDLProbe(ProbeKind):
         weights = torch.cat([torch.ones(s, n, dtype=X.dtype, device=device), masks.repeat_interleave(s, dim=0)])
         probe = self._block_probe()
         self.estimator_: LogisticProbe = probe  # type: ignore[assignment]
-        probe.fit(X, labels, n_classes, dev=dev, callback=callback, weights=weights)  # type: ignore[call-arg]
+        probe.fit(X, labels, n_classes, dev=dev, callback=callback, weights=weights, order=self.order_)  # type: ignore[call-arg]
         g = len(self.grid)
         n_iter = getattr(probe, "n_iter_", None)
         self.n_iter_ = None if n_iter is None else n_iter[:, :s]
