@@ -159,8 +159,9 @@ def test_runner_and_cli_write_codelength_rows(three_class_cache: Path, tmp_path:
     assert np.allclose(wide["compression"], wide["uniform_codelength"] / wide["codelength"])
     assert set(df.loc[df["split"] == "test", "metric"]) == {"acc", "control_acc", "control_gap", "majority_acc"}
     result = CliRunner().invoke(app, ["probe", str(three_class_cache), "--out", str(tmp_path / "cli"),
-                                      "--probe", "mdl", "--grid", "1", "-q"])  # fmt: skip
+                                      "--probe", "mdl", "--grid", "1", "-q"], env={"COLUMNS": "80"})  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "MDL compression" in result.output and max(map(len, result.output.splitlines())) <= 80
     cli = probekit.load_results(tmp_path / "cli")
     assert (cli.loc[cli["split"] == "train", "metric"] == "compression").sum() == 3  # 3 layers of the tiny model
     report = build_report(tmp_path / "cli", tmp_path / "report")
