@@ -34,7 +34,9 @@ CURVE = ("model", "probe", "pool", "task")
 DATA_IDENTITY = ("probe", "pool", "max_length", "data_sha256")
 """Settings that must be equal for two curves to be comparable (besides task and layer)."""
 
-PROBE_METRICS = ("acc", "control_acc", "selectivity", "majority_acc")
+PROBE_METRICS = ("acc", "control_acc", "control_gap", "majority_acc")
+MDL_METRICS = ("codelength", "uniform_codelength", "compression", "control_codelength", "control_compression")
+"""The MDL probe's rows (``split="train"``)."""
 
 
 def _label(value: object) -> str:
@@ -80,7 +82,7 @@ def probe_rows(results: pd.DataFrame, split: str | None = None, metric: str | No
         raise ProbekitError("the results table is empty")
     source = results["source"] if "source" in results.columns else pd.Series(None, index=results.index)
     rows = results[(source == "probe") | source.isna()]
-    rows = rows[rows["metric"].isin(PROBE_METRICS)]
+    rows = rows[rows["metric"].isin(PROBE_METRICS + MDL_METRICS)]
     if split is not None:
         rows = rows[rows["split"] == split]
     if metric is not None:

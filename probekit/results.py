@@ -12,8 +12,13 @@ written by earlier versions (:func:`migrate`).
 
 - ``probe`` (``probekit probe``): ``probe`` the kind (``linear``, ``mlp``, ...); ``split``
   ``dev`` or ``test``; ``metric`` ``acc``, ``control_acc`` (the same probe on shuffled train
-  labels), ``selectivity`` (acc - control_acc) or ``majority_acc``; ``layer`` 0..L (0 = the
-  embeddings); ``ci_low``/``ci_high`` a 95% Wilson interval; ``reg`` the value chosen on dev.
+  labels), ``control_gap`` (acc - control_acc; called ``selectivity`` before schema 3) or
+  ``majority_acc``; ``layer`` 0..L (0 = the embeddings); ``ci_low``/``ci_high`` a 95% Wilson
+  interval; ``reg`` the value chosen on dev. The MDL probe (``probe="mdl"``) adds rows with
+  ``split="train"``: ``codelength`` (online codelength of the train labels, bits),
+  ``uniform_codelength`` (``N log2 K``), ``compression`` (uniform / online) and
+  ``control_codelength``/``control_compression`` (the same for the shuffled train labels), ``n``
+  the train rows.
 - ``mlm-probe`` (``probekit mlm-probe``): ``probe="mlm-head"``, ``split="heldout"``, ``metric``
   ``mlm_acc`` or ``mlm_top5``.
 - ``offramp`` (``probekit offramp``): ``probe="offramp"``, ``mode`` the training method
@@ -44,9 +49,10 @@ from probekit.io import atomic_path
 
 PARQUET = "results.parquet"
 CSV = "results.csv"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """1: before the ``mode`` column (off-ramp rows had the training mode in ``probe`` and exit-policy
-rows ``layer=-1``); 2: this schema."""
+rows ``layer=-1``); 2: probe rows named acc - control_acc ``selectivity``; 3: this schema
+(``control_gap``: Hewitt & Liang's selectivity uses control *tasks*, which probekit does not build)."""
 
 
 @dataclass(frozen=True)
@@ -164,16 +170,27 @@ def validate(df: pd.DataFrame) -> None:
 
 def migrate(df: pd.DataFrame) -> pd.DataFrame:
     """A table of an earlier schema in this one (version 1: no ``mode`` column; off-ramp rows with the
-    training mode in ``probe``; exit-policy rows with ``layer=-1``; before the ``protocol`` column, linear
-    probe rows were SentEval's scikit-learn protocol)."""
+    training mode in ``probe``; exit-policy rows with ``layer=-1``; versions 1 and 2: the probe rows'
+    ``selectivity`` metric, now ``control_gap``; before the ``protocol`` column, linear probe rows were
+    SentEval's scikit-learn protocol). A current table is returned as it is."""
     if "protocol" not in df.columns and "probe" in df.columns:
         df = df.copy()
         linear = (df["probe"] == "linear").to_numpy() & (
             (df["source"] == "probe").to_numpy() if "source" in df.columns else True
         )
         df["protocol"] = ["senteval-sklearn" if x else None for x in np.broadcast_to(linear, (len(df),))]
-    if "mode" in df.columns and df["mode"].notna().any():
-        return df
+    if "mode" not in df.columns or not df["mode"].notna().any():
+        df = _migrate_mode(df)
+    if "metric" in df.columns and (df["metric"] == "selectivity").any():
+        source = df["source"] if "source" in df.columns else pd.Series(None, index=df.index, dtype=object)
+        old = ((df["metric"] == "selectivity") & (source.isna() | (source == "probe"))).to_numpy()
+        if old.any():
+            df = df.copy()
+            df.loc[old, "metric"] = "control_gap"
+    return df
+
+
+def _migrate_mode(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     if "mode" not in df.columns:
         df["mode"] = None

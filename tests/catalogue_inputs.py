@@ -306,4 +306,15 @@ CASES: list[Case] = [
         ["probe", "{tmp}", "-o", OUT, "--seeds", "0"],
         "--seeds: must be at least 1",
     ),
+    Case(
+        "probe-mdl-fractions-not-ending-at-100",
+        ["probe", "{tmp}", "-o", OUT, "--probe", "mdl", "--fractions", "10,50"],
+        "--fractions: must be at least two increasing percentages ending at 100",
+    ),
+    Case(
+        "mlm-validation-0",
+        ["mlm-probe", "-m", "{model}", "-c", TOY, "-o", OUT, "--validation", "0"],
+        "--validation: must be > 0, got 0",
+        toy,
+    ),
 ]

@@ -80,7 +80,7 @@ def synthetic_probe(
                     rows += [
                         {**base, "metric": "acc", "value": acc, "ci_low": lo, "ci_high": hi, "reg": 1.0},
                         {**base, "metric": "control_acc", "value": control},
-                        {**base, "metric": "selectivity", "value": acc - control},
+                        {**base, "metric": "control_gap", "value": acc - control},
                         {**base, "metric": "majority_acc", "value": majority},
                     ]
     return tidy(rows)

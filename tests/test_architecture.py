@@ -28,7 +28,7 @@ LAYERS = [
     ["data"],
     ["backbone", "encoding", "cache", "distributed", "extraction"],
     ["probes", "mlm", "offramp", "finetune"],
-    ["analysis", "plot", "report", "senteval"],
+    ["analysis", "stats", "plot", "report", "senteval"],
     ["suite"],
     ["cli", "__init__", "__main__"],
 ]

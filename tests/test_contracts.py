@@ -169,7 +169,8 @@ def test_schema_columns_are_documented_and_tidy_applies_them() -> None:
 
 def test_tables_written_by_the_previous_version_are_migrated(tmp_path: Path) -> None:
     """tests/data/results_v1.csv was written by probekit before the schema had a ``mode`` column (probe and
-    off-ramp rows of a tiny BERT): the training mode sat in ``probe`` and exit-policy rows had layer -1."""
+        off-ramp rows of a tiny BERT): the training mode sat in ``probe``, exit-policy rows had layer -1 and the
+    shuffled-label gap was called ``selectivity``."""
     old = pd.read_csv(V1)
     new = load_results(V1)
     validate(new)
@@ -183,6 +184,11 @@ def test_tables_written_by_the_previous_version_are_migrated(tmp_path: Path) -> 
     probe = ~ramps
     assert new.loc[probe, "mode"].isna().all() and list(new.loc[probe, "probe"]) == list(old.loc[probe, "probe"])
     np.testing.assert_array_equal(new["value"].to_numpy(), old["value"].to_numpy())
+    renamed = (old["metric"] == "selectivity").to_numpy()  # schema 3: the shuffled-label gap's own name
+    assert renamed.sum() == 6 and set(new.loc[renamed, "metric"]) == {"control_gap"}
+    assert "selectivity" not in set(new["metric"]) and set(new.loc[~renamed, "metric"]) == set(
+        old.loc[~renamed, "metric"]
+    )
     assert migrate(new) is new  # a current table is left as it is
 
 

@@ -126,7 +126,7 @@ def test_finds_a_planted_signal_and_its_rows_follow_the_schema(name: str) -> Non
     assert np.allclose(acc, (lp.predict(xte) == yte[None]).mean(1))
     rows = tidy(lp.rows(xte, yte, "test", model="m", task="planted"))
     validate(rows)
-    assert set(rows["metric"]) == {"acc", "control_acc", "selectivity", "majority_acc"}
+    assert set(rows["metric"]) == {"acc", "control_acc", "control_gap", "majority_acc"}
     got = rows[rows["metric"] == "acc"].sort_values("layer")["value"].to_numpy()
     assert np.allclose(got, acc) and (rows["probe"] == name).all() and (rows["n"] == len(yte)).all()
     assert np.allclose(rows[rows["metric"] == "majority_acc"]["value"], np.mean(yte == np.bincount(ytr).argmax()))

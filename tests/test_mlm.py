@@ -252,12 +252,15 @@ def test_cli_end_to_end_with_resume_and_sweep(tiny_model: Path, tmp_path: Path) 
     assert result.exit_code == 0, result.output
     assert "mlm_acc" in result.output and "held-out MLM-head accuracy per layer" in result.output
     df = load_results(out)
-    assert len(df) == 6 and sorted(set(df["layer"])) == [0, 1, 2]
-    assert set(df["metric"]) == {"mlm_acc", "mlm_top5"}
+    assert len(df) == 3 * 3 + 2 and sorted(set(df["layer"].dropna())) == [0, 1, 2]
+    assert set(df["metric"]) == {"mlm_acc", "mlm_top5", "mlm_masked_acc", "mlm_dip_layer", "mlm_recovery"}
+    assert df.loc[df["metric"].isin(["mlm_dip_layer", "mlm_recovery"]), "layer"].isna().all()
+    assert "recovery acc(L) - acc(L-1)" in result.output
     assert (df["source"] == "mlm-probe").all() and (df["probe"] == "mlm-head").all()
     assert (df["split"] == "heldout").all() and (df["task"] == "corpus").all()
-    assert ((df["ci_low"] <= df["value"]) & (df["value"] <= df["ci_high"])).all()
-    assert df["n"].nunique() == 1 and df["n"].iloc[0] > 0
+    per_layer = df[df["metric"].isin(["mlm_acc", "mlm_top5"])]
+    assert ((per_layer["ci_low"] <= per_layer["value"]) & (per_layer["value"] <= per_layer["ci_high"])).all()
+    assert per_layer["n"].nunique() == 1 and per_layer["n"].iloc[0] > 0
     settings = json.loads(df["settings"].iloc[0])
     assert settings["mask_ratio"] == 0.15 and settings["dropout_ratio"] == mlm.DEFAULT_DROPOUT_RATIO
     assert settings["steps"] == 6 and settings["n_heldout_passages"] == 20 and settings["chosen_by"] == "given"
@@ -280,8 +283,8 @@ def test_cli_end_to_end_with_resume_and_sweep(tiny_model: Path, tmp_path: Path) 
     settings = json.loads(load_results(sweep_out)["settings"].iloc[0])
     assert settings["chosen_by"] == "sweep"
     assert (settings["mask_ratio"], settings["dropout_ratio"]) == (best["mask_ratio"], best["dropout_ratio"])
-    # the final training reused the chosen setting's sweep checkpoint (same steps)
-    assert len(list((sweep_out / "checkpoints").glob("*.safetensors"))) == 4
+    # the sweep trained on part of the training passages, the final heads on all of them: 4 + 1 checkpoints
+    assert len(list((sweep_out / "checkpoints").glob("*.safetensors"))) == 5
 
 
 @pytest.mark.parametrize(

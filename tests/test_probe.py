@@ -156,12 +156,12 @@ def tiny_cache(tiny_cache_master: Path, tmp_path: Path) -> Path:
     return path
 
 
-def test_rows_baselines_and_selectivity(tiny_cache: Path) -> None:
+def test_rows_baselines_and_control_gap(tiny_cache: Path) -> None:
     df = probekit.probe(tiny_cache, seeds=2, device="cpu", progress=False).results
     cache = LayerCache.open(tiny_cache)
     assert set(df["source"]) == {"probe"} and set(df["probe"]) == {"linear"}
     assert set(df["split"]) == {"dev", "test"} and set(df["layer"]) == {0, 1, 2} and set(df["seed"]) == {0, 1}
-    assert set(df["metric"]) == {"acc", "control_acc", "selectivity", "majority_acc"}
+    assert set(df["metric"]) == {"acc", "control_acc", "control_gap", "majority_acc"}
     assert len(df) == 2 * 3 * 2 * 4  # seeds x layers x splits x metrics
     assert (df["model"] == cache.model).all() and (
         df["model_fingerprint"] == cache.manifest["model"]["fingerprint"]
@@ -176,12 +176,12 @@ def test_rows_baselines_and_selectivity(tiny_cache: Path) -> None:
         maj = rows[rows["metric"] == "majority_acc"]
         assert np.allclose(maj["value"], (y == majority).sum() / len(y))
         wide = rows.pivot_table(index=["seed", "layer"], columns="metric", values="value")
-        assert np.allclose(wide["selectivity"], wide["acc"] - wide["control_acc"])
+        assert np.allclose(wide["control_gap"], wide["acc"] - wide["control_acc"])
         acc = rows[rows["metric"] == "acc"]
         low, high = wilson(np.round(acc["value"] * len(y)), len(y))
         assert np.allclose(acc["ci_low"], low) and np.allclose(acc["ci_high"], high)
         assert acc["reg"].isin(GRID).all()
-    assert rows[rows["metric"] == "selectivity"]["ci_low"].isna().all()
+    assert rows[rows["metric"] == "control_gap"]["ci_low"].isna().all()
 
 
 def test_same_seed_same_numbers_and_seed_summary(tiny_cache: Path) -> None:

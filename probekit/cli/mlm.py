@@ -74,7 +74,7 @@ def mlm_probe_command(
                 }
                 for r in result.sweep.itertuples()
             ],
-            title="sweep (held-out mean over layers; criterion = mean of unmasked and masked accuracy)",
+            title="sweep (validation passages, mean over layers; criterion = mean of unmasked and masked accuracy)",
         )
     table = result.results.pivot_table(index="layer", columns="metric", values="value")
     n = result.results.groupby("layer")["n"].first()
@@ -85,6 +85,7 @@ def mlm_probe_command(
                 "layer": int(layer),
                 "mlm_acc": f"{row['mlm_acc']:.4f}",
                 "mlm_top5": f"{row['mlm_top5']:.4f}",
+                **({"masked": f"{row['mlm_masked_acc']:.4f}"} if "mlm_masked_acc" in row else {}),
                 "tokens": int(n[layer]),
             }
             for layer, row in table.iterrows()
@@ -92,4 +93,12 @@ def mlm_probe_command(
         title=f"held-out MLM-head accuracy per layer (mask_ratio={p.mask_ratio}, dropout_ratio={p.dropout_ratio}, "
         f"steps={result.probe.steps_})",
     )
+    stat = result.results.set_index("metric")
+    if "mlm_recovery" in stat.index:
+        rec = stat.loc["mlm_recovery"]
+        typer.echo(
+            f"dip layer (upper half): {int(stat.loc['mlm_dip_layer', 'value'])}; recovery acc(L) - acc(L-1): "
+            f"{100 * rec['value']:+.2f} points (95% passage bootstrap [{100 * rec['ci_low']:+.2f}, "
+            f"{100 * rec['ci_high']:+.2f}])"
+        )
     typer.echo(f"results: {result.out}")

@@ -16,6 +16,7 @@ from probekit.cli import app
 from probekit.cli.common import Device, Quiet, check_paths, writing
 from probekit.cli.options import derive
 from probekit.config import Config
+from probekit.data import short_name
 from probekit.distributed import dist_info
 from probekit.probes import PROBE_KINDS
 from probekit.probes import probe as run_probe
@@ -79,6 +80,7 @@ def probe(
         return
     console = Console()  # made here: it reads the terminal's width (COLUMNS) of this invocation
     print_summary(run.results, console)
+    print_compression(run.results, console)
     console.print(f"results: {out}")
 
 
@@ -86,6 +88,35 @@ def print_summary(results: pd.DataFrame, console: Console, split: str = "test") 
     """Test accuracy, tasks in rows and layers in columns, in as many tables as the terminal's width needs."""
     console.print(table_title(results, split))
     for part in fit_width(task_table(results, split), console.width):
+        table = Table(show_lines=False)
+        for col in part[0]:
+            table.add_column(col, no_wrap=True, justify="left" if col == "task" else "right")
+        for row in part:
+            table.add_row(*row.values())
+        console.print(table)
+
+
+def print_compression(results: pd.DataFrame, console: Console) -> None:
+    """The MDL probe's compression (uniform / online codelength; control in brackets), tasks x layers."""
+    rows = results[(results["split"] == "train") & results["metric"].isin(["compression", "control_compression"])]
+    if rows.empty:
+        return
+    wide = rows.pivot_table(index=["task", "layer"], columns="metric", values="value", sort=False)
+    console.print("MDL compression, uniform / online codelength (shuffled-label control), mean over seeds")
+    layers = sorted(int(x) for x in rows["layer"].dropna().unique())
+    cells = [
+        {
+            "task": short_name(str(task)),
+            **{
+                str(layer): f"{wide.loc[(task, layer), 'compression']:.2f}"
+                + (f" ({wide.loc[(task, layer), 'control_compression']:.2f})" if "control_compression" in wide else "")
+                for layer in layers
+                if (task, layer) in wide.index
+            },
+        }
+        for task in dict.fromkeys(rows["task"])
+    ]
+    for part in fit_width(cells, console.width):
         table = Table(show_lines=False)
         for col in part[0]:
             table.add_column(col, no_wrap=True, justify="left" if col == "task" else "right")

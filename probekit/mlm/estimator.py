@@ -39,6 +39,7 @@ from probekit.errors import ParamError, ProbekitError, ResumeError
 from probekit.fingerprint import canonical_json, check, differences, fingerprint, normalize
 from probekit.io import atomic_path, sha256_json
 from probekit.metrics import wilson
+from probekit.mlm.intervals import N_BOOT, dip_recovery, passage_intervals
 from probekit.mlm.kernels import DEFAULT_DROPOUT_RATIO, DEFAULT_MASK_RATIO, TOPK, MLMHeads, embedding_dropout, generator
 from probekit.results import row
 
@@ -104,6 +105,16 @@ def _decoder(backbone: Backbone) -> tuple[torch.nn.Module, torch.Tensor]:
     if emb is None or getattr(emb, "weight", None) is None:
         raise ProbekitError(f"{backbone.name}: the model exposes no input word-embedding matrix")
     return emb, emb.weight.detach().float()
+
+
+def head_shape(backbone: Backbone, decoder: torch.Tensor) -> dict[str, Any]:
+    """The head's width and activation for ``backbone``: the decoder's (embedding) width, so factorised
+    embeddings (ALBERT, ELECTRA: embedding size below the hidden size) get a dense hidden -> embedding
+    layer as their own MLM heads have, and the config's ``hidden_act``."""
+    return {
+        "embedding_size": int(decoder.shape[1]),
+        "activation": getattr(backbone.config, "hidden_act", "gelu") or "gelu",
+    }
 
 
 def check_inputs(stamp: dict[str, Any] | None, inputs: dict[str, Any], *, where: str | Path, what: str) -> None:
@@ -223,7 +234,9 @@ class MLMHeadProbe:
         emb, decoder = _decoder(backbone)
         dev = backbone.device
         eps = float(getattr(backbone.config, "layer_norm_eps", 1e-12))
-        heads = MLMHeads(len(layers), backbone.hidden_size, decoder.shape[0], eps, seed=cfg.seed).to(dev)
+        heads = MLMHeads(
+            len(layers), backbone.hidden_size, decoder.shape[0], eps, seed=cfg.seed, **head_shape(backbone, decoder)
+        ).to(dev)
         decay = [heads.dense_weight]
         rest = [heads.dense_bias, heads.norm_weight, heads.norm_bias, heads.bias]
         opt = torch.optim.AdamW(
@@ -381,6 +394,50 @@ class MLMHeadProbe:
     # ------------------------------------------------------------ scoring
 
     @torch.no_grad()
+    def window_hits(
+        self,
+        backbone: Backbone,
+        passages: Sequence[str] | Tokenized,
+        corrupt: tuple[float, float] | None = None,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Per window of ``passages``: ``top1`` and ``top5`` hits [layers, windows] and scored tokens ``n``
+        [windows] (what :meth:`evaluate` sums; a passage-level bootstrap resamples them)."""
+        heads = getattr(self, "heads_", None)
+        if heads is None:
+            raise ProbekitError("the MLM heads are not trained yet: call fit first")
+        cfg = self.config_
+        tok = windows(backbone, passages, cfg.max_length)
+        emb, decoder = _decoder(backbone)
+        pad_id = int(backbone.tokenizer.pad_token_id)
+        k, w = len(self.layers_), len(tok.lengths)
+        top1 = torch.zeros(k, w, dtype=torch.long)
+        top5 = torch.zeros(k, w, dtype=torch.long)
+        n = torch.zeros(w, dtype=torch.long)
+        plan = plan_batches(tok.lengths, max_tokens=4096)
+        for b, idx in enumerate(tqdm(plan, disable=not progress, unit="batch", desc="mlm eval")):
+            batch = collate(tok, idx, pad_id, backbone.device)
+            positions = batch["attention_mask"].bool() & ~batch["special_tokens_mask"]
+            inputs = None
+            if corrupt is not None:
+                inputs, positions = embedding_dropout(
+                    emb(batch["input_ids"]), positions, *corrupt, generator=generator(cfg.seed, b, 2)
+                )
+            hs = hidden_states(backbone, batch, inputs)
+            h_all = torch.stack([hs[i][positions] for i in self.layers_])
+            targets_all = batch["input_ids"][positions]
+            owner = torch.as_tensor(np.asarray(idx), dtype=torch.long)[positions.nonzero()[:, 0].cpu()]  # window
+            n.index_add_(0, owner, torch.ones_like(owner))
+            for r in range(0, len(targets_all), EVAL_ROWS):
+                h, targets = h_all[:, r : r + EVAL_ROWS].float(), targets_all[r : r + EVAL_ROWS]
+                best = heads.topk(h, decoder, TOPK)
+                hit = (best == targets.view(1, -1, 1)).cpu()
+                rows = owner[r : r + EVAL_ROWS]
+                top1.index_add_(1, rows, hit[..., 0].long())
+                top5.index_add_(1, rows, hit.any(-1).long())
+        return {"top1": top1.numpy(), "top5": top5.numpy(), "n": n.numpy()}
+
+    @torch.no_grad()
     def evaluate(
         self,
         backbone: Backbone,
@@ -395,39 +452,16 @@ class MLMHeadProbe:
         chosen by embedding dropout (seeded), i.e. the masked-token task the heads train on.
         Returns columns ``layer``, ``acc``, ``top5``, ``n``.
         """
-        heads = getattr(self, "heads_", None)
-        if heads is None:
-            raise ProbekitError("the MLM heads are not trained yet: call fit first")
-        cfg = self.config_
-        tok = windows(backbone, passages, cfg.max_length)
-        emb, decoder = _decoder(backbone)
-        pad_id = int(backbone.tokenizer.pad_token_id)
-        k = len(self.layers_)
-        correct = torch.zeros(k, dtype=torch.long)
-        top5 = torch.zeros(k, dtype=torch.long)
-        n = 0
-        plan = plan_batches(tok.lengths, max_tokens=4096)
-        for b, idx in enumerate(tqdm(plan, disable=not progress, unit="batch", desc="mlm eval")):
-            batch = collate(tok, idx, pad_id, backbone.device)
-            positions = batch["attention_mask"].bool() & ~batch["special_tokens_mask"]
-            inputs = None
-            if corrupt is not None:
-                inputs, positions = embedding_dropout(
-                    emb(batch["input_ids"]), positions, *corrupt, generator=generator(cfg.seed, b, 2)
-                )
-            hs = hidden_states(backbone, batch, inputs)
-            h_all = torch.stack([hs[i][positions] for i in self.layers_])
-            targets_all = batch["input_ids"][positions]
-            for r in range(0, len(targets_all), EVAL_ROWS):
-                h, targets = h_all[:, r : r + EVAL_ROWS].float(), targets_all[r : r + EVAL_ROWS]
-                best = heads.topk(h, decoder, TOPK)
-                hit = best == targets.view(1, -1, 1)
-                correct += hit[..., 0].sum(1).cpu()
-                top5 += hit.any(-1).sum(1).cpu()
-                n += len(targets)
+        hits = self.window_hits(backbone, passages, corrupt, progress)
+        n = int(hits["n"].sum())
         denom = max(n, 1)
         return pd.DataFrame(
-            {"layer": self.layers_, "acc": (correct / denom).numpy(), "top5": (top5 / denom).numpy(), "n": n}
+            {
+                "layer": self.layers_,
+                "acc": hits["top1"].sum(1) / denom,
+                "top5": hits["top5"].sum(1) / denom,
+                "n": n,
+            }
         )
 
     def score(
@@ -449,33 +483,57 @@ class MLMHeadProbe:
         data_sha256: str | None = None,
         settings: dict[str, Any] | None = None,
         progress: bool = False,
+        passage_ids: Sequence[int] | np.ndarray | None = None,
+        masked: tuple[float, float] | None = None,
+        n_boot: int = N_BOOT,
     ) -> list[dict[str, Any]]:
         """Tidy results rows (:mod:`probekit.results`): ``mlm_acc`` and ``mlm_top5`` per layer, with a
-        95% Wilson interval; ``settings`` defaults to :meth:`settings` with the trained steps."""
-        scores = self.evaluate(backbone, passages, progress=progress)
+        95% interval; ``settings`` defaults to :meth:`settings` with the trained steps.
+
+        Without ``passage_ids`` the intervals are Wilson's (tokens independent). With ``passage_ids``
+        (the passage of each window of ``passages``) they are passage-level bootstrap intervals (whole
+        passages resampled, ``n_boot`` times), and the rows add the dip-and-recovery statistic
+        (:func:`probekit.mlm.intervals.dip_recovery`: ``mlm_dip_layer``, ``mlm_recovery`` with its
+        interval, layer empty). ``masked=(mask_ratio, dropout_ratio)`` adds ``mlm_masked_acc`` per layer:
+        the accuracy at positions so corrupted (``(0.15, 1.0)``: fully dropped, MASK-like)."""
+        hits = self.window_hits(backbone, passages, progress=progress)
         recorded = settings if settings is not None else {**self.settings(), "steps": self.steps_}
+        common = {
+            "model": backbone.name,
+            "task": task,
+            "split": split,
+            "source": "mlm-probe",
+            "model_fingerprint": backbone.fingerprint,
+            "probe": "mlm-head",
+            "seed": self.config_.seed,
+            "max_length": self.config_.max_length,
+            "data_sha256": data_sha256,
+            "settings": recorded,
+        }
+        groups = None if passage_ids is None else np.asarray(passage_ids)
+        tables = [("mlm_acc", hits["top1"], hits["n"]), ("mlm_top5", hits["top5"], hits["n"])]
+        if masked is not None:
+            m = self.window_hits(backbone, passages, corrupt=masked, progress=progress)
+            tables.append(("mlm_masked_acc", m["top1"], m["n"]))
         out = []
-        for r in scores.itertuples(index=False):
-            for metric, value in (("mlm_acc", r.acc), ("mlm_top5", r.top5)):
-                lo, hi = (float(b) for b in wilson(round(value * r.n), r.n))
+        for metric, top, n in tables:
+            total = int(n.sum())
+            if groups is None:
+                bounds = [tuple(float(b) for b in wilson(int(t.sum()), total)) for t in top]
+            else:
+                bounds = [tuple(b) for b in passage_intervals(top, n, groups, n_boot, self.config_.seed)]
+            for i, layer in enumerate(self.layers_):
+                value = float(top[i].sum() / max(total, 1))
                 out.append(
-                    row(
-                        model=backbone.name,
-                        task=task,
-                        layer=int(r.layer),
-                        split=split,
-                        metric=metric,
-                        value=float(value),
-                        source="mlm-probe",
-                        model_fingerprint=backbone.fingerprint,
-                        probe="mlm-head",
-                        seed=self.config_.seed,
-                        n=int(r.n),
-                        ci_low=lo,
-                        ci_high=hi,
-                        max_length=self.config_.max_length,
-                        data_sha256=data_sha256,
-                        settings=recorded,
-                    )
-                )
+                    row(**common, layer=int(layer), metric=metric, value=value, n=total,
+                        ci_low=bounds[i][0], ci_high=bounds[i][1])
+                )  # fmt: skip
+        if groups is not None:
+            stat = dip_recovery(hits["top1"], hits["n"], groups, list(self.layers_), n_boot, self.config_.seed)
+            if stat is not None:
+                n = int(hits["n"].sum())
+                out.append(row(**common, layer=None, metric="mlm_dip_layer", value=float(stat["dip_layer"]), n=n,
+                               ci_low=None, ci_high=None))  # fmt: skip
+                out.append(row(**common, layer=None, metric="mlm_recovery", value=stat["recovery"], n=n,
+                               ci_low=stat["ci_low"], ci_high=stat["ci_high"]))  # fmt: skip
         return out

@@ -17,11 +17,13 @@ stays bounded whatever the vocabulary size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
 
 from probekit.errors import ProbekitError
 
@@ -88,25 +90,51 @@ def embedding_dropout(
 # ---------------------------------------------------------------- the heads
 
 
+def head_activation(name: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLM head's activation from a config's ``hidden_act`` (``gelu``, ``gelu_new``, ``relu``, ...;
+    a callable is used as it is), as the model's own head applies it."""
+    if callable(name):
+        return name
+    try:
+        return ACT2FN[str(name)]
+    except KeyError:
+        raise ProbekitError(f"unknown activation {name!r} in the model config (hidden_act)") from None
+
+
 class MLMHeads(torch.nn.Module):
-    """K independent BERT-style MLM heads as one batched module (the decoder matrix is passed in)."""
+    """K independent BERT-style MLM heads as one batched module (the decoder matrix is passed in).
+
+    ``embedding_size`` (default ``hidden``): the decoder's width. Encoders with factorised
+    embeddings (ALBERT, ELECTRA) have a head whose dense layer maps the hidden size to the
+    embedding size, LayerNorm and decoder working there; ``activation`` is the config's
+    ``hidden_act`` (BERT's and ALBERT's heads apply it)."""
 
     def __init__(
-        self, n_heads: int, hidden: int, vocab_size: int, eps: float = 1e-12, init_std: float = 0.02, seed: int = 0
+        self,
+        n_heads: int,
+        hidden: int,
+        vocab_size: int,
+        eps: float = 1e-12,
+        init_std: float = 0.02,
+        seed: int = 0,
+        embedding_size: int | None = None,
+        activation: Any = "gelu",
     ) -> None:
         super().__init__()
         g = generator(seed, 0xE4D5)
+        width = hidden if embedding_size is None else int(embedding_size)
         self.eps = eps
-        self.dense_weight = torch.nn.Parameter(torch.randn(n_heads, hidden, hidden, generator=g) * init_std)
-        self.dense_bias = torch.nn.Parameter(torch.zeros(n_heads, hidden))
-        self.norm_weight = torch.nn.Parameter(torch.ones(n_heads, hidden))
-        self.norm_bias = torch.nn.Parameter(torch.zeros(n_heads, hidden))
+        self.activation = head_activation(activation)
+        self.dense_weight = torch.nn.Parameter(torch.randn(n_heads, width, hidden, generator=g) * init_std)
+        self.dense_bias = torch.nn.Parameter(torch.zeros(n_heads, width))
+        self.norm_weight = torch.nn.Parameter(torch.ones(n_heads, width))
+        self.norm_bias = torch.nn.Parameter(torch.zeros(n_heads, width))
         self.bias = torch.nn.Parameter(torch.zeros(n_heads, vocab_size))
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
-        """dense, GELU, LayerNorm of each head's hidden states: ``[K, N, D] -> [K, N, D]``."""
+        """dense, activation, LayerNorm of each head's hidden states: ``[K, N, D] -> [K, N, E]``."""
         x = torch.baddbmm(self.dense_bias.unsqueeze(1), h, self.dense_weight.transpose(1, 2))
-        x = F.layer_norm(F.gelu(x), x.shape[-1:], eps=self.eps)
+        x = F.layer_norm(self.activation(x), x.shape[-1:], eps=self.eps)
         return x * self.norm_weight.unsqueeze(1) + self.norm_bias.unsqueeze(1)
 
     def loss(self, h: torch.Tensor, decoder: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """``mlm_probe``: what ``probekit mlm-probe`` runs (I/O around :class:`~probekit.mlm.estimator.MLMHeadProbe`).
 
 Read the corpus, split it by passage, optionally sweep ``mask_ratio`` x ``dropout_ratio``
-(:func:`sweep_ratios`, then train with the chosen setting), train the heads (checkpointed under
+(:func:`sweep_ratios` on a validation split of the training passages, then train on all training
+passages with the chosen setting), train the heads (checkpointed under
 ``out/checkpoints``, resumable) and save the per-layer held-out ``mlm_acc``/``mlm_top5`` to
 ``out/results.{parquet,csv}`` (and ``out/sweep.csv``). The output folder is stamped with the
 fingerprint of the run (:mod:`probekit.fingerprint`): the same run again resumes or only re-scores,
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
 from probekit.backbone import Backbone, load_backbone
@@ -54,6 +56,12 @@ class MLMRunConfig(Config):
         None, "Sweep these dropout ratios (comma-separated).", ge=0, le=1
     )
     sweep_steps: int | None = option(None, "Training steps of each sweep setting (default: the training steps).", ge=1)
+    validation: float = option(
+        0.1,
+        "Validation passages split off the training passages for the sweep's choice: a fraction below 1, "
+        "or a number of passages (the held-out passages never enter the choice).",
+        gt=0,
+    )
     corpus_format: str = option(
         "auto",
         "How to read the corpus; auto: .json is SQuAD, another file is text, else a task.",
@@ -85,9 +93,11 @@ def sweep_ratios(
 ) -> pd.DataFrame:
     """Train and score heads (``probe``'s other options) for every ``mask_ratio`` x ``dropout_ratio``.
 
-    One row per setting. Columns: the two ratios, ``acc_l<i>`` (unmasked held-out accuracy of
-    layer i), ``mean_acc``, ``mean_masked_acc`` (the masked task of ``REFERENCE_CORRUPTION``: 15%
-    of tokens fully dropped, the same for every setting), ``criterion`` (the mean of the two) and
+    ``heldout``: the passages each setting is scored on; the runner passes a validation split of the
+    training passages (:func:`sweep_split`), never the passages it reports. One row per setting.
+    Columns: the two ratios, ``acc_l<i>`` (unmasked accuracy of layer i on ``heldout``),
+    ``mean_acc``, ``mean_masked_acc`` (the masked task of ``REFERENCE_CORRUPTION``: 15% of tokens
+    fully dropped, the same for every setting), ``criterion`` (the mean of the two) and
     ``chosen`` (the setting with the best criterion: heads that name a token both when they see
     it and when they must infer it from context, as BERT's own head is trained to).
     """
@@ -109,6 +119,21 @@ def sweep_ratios(
     df = pd.DataFrame(rows)
     df["chosen"] = df.index == df["criterion"].idxmax()
     return df
+
+
+def sweep_split(train_texts: Sequence[str], validation: float, seed: int) -> tuple[list[str], list[str]]:
+    """The training passages split into (sweep training, sweep validation): the ratio choice is made on the
+    validation part, so the held-out passages whose accuracies are reported never enter it."""
+    try:
+        return split_passages(train_texts, validation, seed + 1)
+    except ParamError as e:
+        raise ParamError("validation", str(e).split(": ", 1)[-1]) from None
+
+
+def passage_ids(tokenizer: Any, passages: Sequence[str], max_length: int) -> np.ndarray:
+    """The passage of each window of ``window_passages(tokenizer, passages, max_length)``."""
+    counts = [len(window_passages(tokenizer, [p], max_length).lengths) for p in passages]
+    return np.repeat(np.arange(len(passages)), counts)
 
 
 def _probe_from(probe: MLMHeadProbe | MLMConfig | None, options: dict[str, Any], progress: bool) -> MLMHeadProbe:
@@ -180,12 +205,15 @@ def mlm_probe(
     mask_ratio, dropout_ratio = cfg.mask_ratio, cfg.dropout_ratio
     sweeping = bool(run_cfg.sweep_mask_ratios or run_cfg.sweep_dropout_ratios)
     grid_steps = run_cfg.sweep_steps if run_cfg.sweep_steps is not None else cfg.steps
+    split_info: dict[str, Any] = {"heldout": heldout_texts, "train": train_texts}
     if sweeping:
         t0 = time.perf_counter()
+        sweep_fit, sweep_val = sweep_split(train_texts, run_cfg.validation, cfg.seed)
+        split_info.update(sweep_train=sweep_fit, sweep_validation=sweep_val)
         sweep_df = sweep_ratios(
             backbone,
-            train,
-            held,
+            window_passages(backbone.tokenizer, sweep_fit, max_length),
+            window_passages(backbone.tokenizer, sweep_val, max_length),
             run_cfg.sweep_mask_ratios or [mask_ratio],
             run_cfg.sweep_dropout_ratios or [dropout_ratio],
             probe=base.clone(steps=grid_steps, epochs=None if grid_steps is not None else cfg.epochs),
@@ -222,11 +250,23 @@ def mlm_probe(
             "mask_ratios": list(run_cfg.sweep_mask_ratios or [mask_ratio]),
             "dropout_ratios": list(run_cfg.sweep_dropout_ratios or [dropout_ratio]),
             "steps": grid_steps,
-            "criterion": "mean of unmasked and reference-masked held-out accuracy",
+            "criterion": "mean of unmasked and reference-masked accuracy on the validation passages",
+            "chosen_on": "a validation split of the training passages (never the held-out ones)",
+            "n_validation_passages": len(split_info["sweep_validation"]),
             "table": "sweep.csv",
         }
     t0 = time.perf_counter()
-    rows = fitted.rows(backbone, held, task=data.name, data_sha256=data.sha256, settings=settings, progress=progress)
+    groups = passage_ids(backbone.tokenizer, heldout_texts, max_length)
+    rows = fitted.rows(
+        backbone,
+        held,
+        task=data.name,
+        data_sha256=data.sha256,
+        settings={**settings, "intervals": "passage bootstrap"},
+        progress=progress,
+        passage_ids=groups if len(groups) == len(held.lengths) else None,
+        masked=REFERENCE_CORRUPTION,
+    )
     timings["score"] = time.perf_counter() - t0
     results = tidy(rows)
     save_results(results, out)
@@ -245,5 +285,5 @@ def mlm_probe(
         paths=paths,
         timings=timings,
         estimator=fitted,
-        details={"probe": fitted, "sweep": sweep_df, "info": info, "settings": settings},
+        details={"probe": fitted, "sweep": sweep_df, "info": info, "settings": settings, "passages": split_info},
     )

@@ -16,7 +16,9 @@ def mlm_curves(results: pd.DataFrame, *, col_wrap: int = 4) -> Figure:
     rows = _source(results, "mlm-probe")
     if rows.empty:
         raise ProbekitError("no MLM-head probe results (source='mlm-probe'); run `probekit mlm-probe` first")
-    rows = rows.assign(metric=rows["metric"].map({"mlm_acc": "top-1", "mlm_top5": "top-5"}).fillna(rows["metric"]))
+    rows = rows[rows["layer"].notna()]  # per-model statistics (dip layer, recovery) have no layer
+    names = {"mlm_acc": "top-1", "mlm_top5": "top-5", "mlm_masked_acc": "top-1 at fully dropped tokens"}
+    rows = rows.assign(metric=rows["metric"].map(names).fillna(rows["metric"]))
     return _line_panels(
         rows,
         ["task"],

@@ -179,7 +179,9 @@ def _heat_axes(ax: Any, table: pd.DataFrame, cmap: str, norm: Normalize) -> np.n
 METRIC_NAMES = {
     "acc": "probe accuracy",
     "control_acc": "control-task accuracy",
-    "selectivity": "selectivity",
+    "control_gap": "accuracy minus shuffled-label control",
+    "compression": "MDL compression (uniform / online codelength)",
+    "codelength": "online codelength (bits)",
     "majority_acc": "majority-class accuracy",
 }
 

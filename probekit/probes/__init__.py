@@ -8,7 +8,7 @@
 
 Modules: :mod:`.base` (what a probe kind is, the registry :data:`PROBE_KINDS`), :mod:`.linear`
 (logistic regression, scikit-learn's objective), :mod:`.lbfgs` (the batched optimiser),
-:mod:`.mlp` (SentEval's MLP), :mod:`.layerwise` (selection, control, baselines, rows),
+:mod:`.mlp` (SentEval's MLP), :mod:`.mdl` (online codelength), :mod:`.layerwise` (selection, control, baselines, rows),
 :mod:`.protocols` (the literature's presets, :data:`PROTOCOLS`), :mod:`.tuned` (option sets tuned on dev),
 :mod:`.order` (SentEval's row order),
 :mod:`.run` (caches in, a ``Run`` out), :mod:`.table` (the printed summary).
@@ -18,6 +18,7 @@ from probekit.metrics import wilson
 from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.linear import LinearConfig, LogisticProbe
+from probekit.probes.mdl import MDLConfig, MDLProbe
 from probekit.probes.mlp import MLPConfig, MLPProbe
 from probekit.probes.protocols import PROTOCOLS, Protocol
 from probekit.probes.run import probe
@@ -30,6 +31,8 @@ __all__ = [
     "LayerwiseProbe",
     "LinearConfig",
     "LogisticProbe",
+    "MDLConfig",
+    "MDLProbe",
     "MLPConfig",
     "MLPProbe",
     "ProbeKind",

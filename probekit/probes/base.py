@@ -96,6 +96,11 @@ class ProbeKind(ABC):
     @abstractmethod
     def predict(self, X: torch.Tensor) -> torch.Tensor: ...
 
+    def train_metrics(self) -> dict[str, Any]:
+        """Numbers per layer measured while fitting, on train (metric name -> array [layers]); the MDL
+        probe's codelengths. Most kinds have none."""
+        return {}
+
     def settings(self) -> dict[str, Any]:
         """The options that determine the results (recorded in the results table, fingerprinted)."""
         return {**self.config.to_dict(), "reg_name": self.reg_name, **self.fixed_settings}

@@ -247,9 +247,14 @@ class LayerwiseProbe:
             out["control"] = hits[:, 1]
         return out
 
+    def correct_each(self, X: Any, y: Any, split: str = "input") -> np.ndarray:
+        """Which examples of ``y`` each layer's selected probe gets right: bool [layers, M] (the paired
+        tests of :mod:`probekit.stats` resample these)."""
+        return (self._predict_ids(X, split)[:, 0] == self._map(y)).cpu().numpy()
+
     def rows(self, X: Any, y: Any, split: str = "test", **columns: Any) -> list[dict[str, Any]]:
         """Tidy rows (:func:`probekit.results.row`) of this probe on ``X`` / ``y``: per layer ``acc``,
-        ``control_acc`` and ``selectivity`` (when fitted with the control) and ``majority_acc``, with
+        ``control_acc`` and ``control_gap`` (acc - control_acc; when fitted with the control) and ``majority_acc``, with
         a 95% Wilson interval and the chosen grid value; ``columns`` (model, task, ...) go in every row."""
         n = len(y)
         hits = self.correct(X, y, split)
@@ -260,9 +265,22 @@ class LayerwiseProbe:
             out.append(_metric(common, "acc", hits["probe"][i], n, self.best_reg_[i]))
             if self.control:
                 out.append(_metric(common, "control_acc", hits["control"][i], n, self.control_reg_[i]))
-                selectivity = hits["probe"][i] / n - hits["control"][i] / n
-                out.append(row(**common, metric="selectivity", value=selectivity, ci_low=None, ci_high=None, reg=None))
+                gap = hits["probe"][i] / n - hits["control"][i] / n
+                out.append(row(**common, metric="control_gap", value=gap, ci_low=None, ci_high=None, reg=None))
             out.append(_metric(common, "majority_acc", hits["majority"][i], n, None))
+        return out
+
+    def train_rows(self, **columns: Any) -> list[dict[str, Any]]:
+        """Tidy rows (``split="train"``) of what the kind measured while fitting
+        (:meth:`~probekit.probes.base.ProbeKind.train_metrics`: the MDL probe's codelengths); none for most."""
+        metrics = self.estimator_.train_metrics()
+        n = int(getattr(self.estimator_, "n_train_", 0)) or None
+        base = {"source": "probe", "probe": self.kind_, "seed": int(self.seed), **columns}
+        out = []
+        for metric, values in metrics.items():
+            for i, layer in enumerate(self.layers_):
+                common = {"model": None, "task": None, **base, "layer": layer, "split": "train", "n": n}
+                out.append(row(**common, metric=metric, value=float(values[i]), ci_low=None, ci_high=None, reg=None))
         return out
 
 

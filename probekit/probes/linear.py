@@ -43,6 +43,10 @@ BLOCK_ROWS = 1024
 while its features are still in the CPU cache."""
 CHUNK_ELEMENTS = 1 << 25
 """At most this many logits per block (bounds the memory of one evaluation)."""
+WEIGHTED_BLOCKS = 16
+WEIGHTED_MIN_ROWS = 64
+"""With row weights, at least this many blocks of rows (of at least this many rows), so that problems
+without weight in a block are skipped there."""
 
 
 @dataclass(frozen=True)
@@ -77,14 +81,27 @@ class LogisticProbe(ProbeKind):
         n_classes: int,
         dev: tuple[torch.Tensor, torch.Tensor] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        weights: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
     ) -> LogisticProbe:
+        """``weights`` [S, N] (optional, >= 0): each label set's weight per row, so that one call fits
+        problems on different subsets of the rows (0/1 weights: the nested prefixes of the MDL probe);
+        a set's objective is then its weighted mean loss plus ``||W||^2 / (2 C sum(weights))``,
+        scikit-learn's objective on the rows with weight 1. ``order`` (a permutation of the rows): the
+        order in which rows are visited with ``weights``; a block of rows costs only the problems with
+        weight in it, so nested prefixes in this order cost their own rows, not all of them."""
         n_layers, n, d = X.shape
         self.n_sets_ = Y.shape[0]
         self.k_ = k = 1 if n_classes == 2 else n_classes
         g = len(self.grid)
         q = self.n_sets_ * g
         device, dtype = X.device, X.dtype
-        lam = (1.0 / (torch.tensor(self.grid, dtype=torch.float64, device=device) * n)).repeat(self.n_sets_)  # [Q]
+        if weights is None:
+            n_q = torch.full((q,), float(n), dtype=torch.float64, device=device)
+        else:
+            weights = weights.to(device=device, dtype=dtype)
+            n_q = weights.double().sum(1).clamp(min=1.0).repeat_interleave(g)  # [Q] rows per problem
+        lam = 1.0 / (torch.tensor(self.grid, dtype=torch.float64, device=device).repeat(self.n_sets_) * n_q)  # [Q]
         mean, rot, eig = _whitening(X)
         counts = torch.bincount(Y[0], minlength=n_classes).double()
         prior = counts / counts.sum()
@@ -100,7 +117,11 @@ class LogisticProbe(ProbeKind):
         ).to(dtype)  # [L, Q, K, D+1]
         sets = torch.arange(q, device=device) // g
         lam_t = lam.to(dtype)
+        n_t = n_q.to(dtype)
         rows = BLOCK_ROWS if device.type == "cpu" else n  # a GPU wants large products
+        if weights is not None:  # blocks of rows in ``order``: a problem is computed only where it has weight
+            order = torch.arange(n, device=device) if order is None else order.to(device)
+            rows = max(WEIGHTED_MIN_ROWS, min(rows, n // WEIGHTED_BLOCKS))
         block = max(1, min(rows, CHUNK_ELEMENTS // max(1, n_layers * q * k)))
 
         def objective(theta: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,10 +135,14 @@ class LogisticProbe(ProbeKind):
             wt = torch.bmm(th[..., :d].reshape(n_layers, m * k, d), rot.transpose(1, 2))
             bias = th[..., d].reshape(n_layers, m * k) - torch.bmm(wt, mean[:, :, None]).squeeze(2)
             lam_sel = lam_t[sel]  # [L, m]
+            n_sel = n_t[sel] if weights is not None else n  # [L, m] rows per problem
             loss = torch.zeros(n_layers, m, dtype=torch.float64, device=device)
             gw = torch.zeros_like(wt)
             rsum = torch.zeros(n_layers, m, k, dtype=dtype, device=device)
             for i in range(0, n, block):
+                if weights is not None:  # only the problems with weight in this block of rows
+                    _weighted_block(X, Y, weights, order[i : i + block], sets[sel], wt, bias, loss, rsum, gw)
+                    continue
                 xb = X[:, i : i + block]
                 yb = Y[:, i : i + block][sets[sel]]  # [L, m, B]
                 z = (torch.bmm(wt, xb.transpose(1, 2)) + bias[:, :, None]).view(n_layers, m, k, -1)
@@ -125,10 +150,17 @@ class LogisticProbe(ProbeKind):
                 loss += lb.sum(-1, dtype=torch.float64)
                 rsum += resid.sum(-1)
                 gw += torch.bmm(resid.view(n_layers, m * k, -1), xb)
-            rmean = (rsum / n).view(n_layers, m * k, 1)
+            if weights is None:
+                rmean = (rsum / n).view(n_layers, m * k, 1)
+                gw = gw / n
+                loss = loss / n
+            else:
+                rmean = (rsum / n_sel[:, :, None]).view(n_layers, m * k, 1)
+                gw = gw / n_sel.repeat_interleave(k, dim=1)[:, :, None]
+                loss = loss / n_sel.double()
             wpen = lam_sel.repeat_interleave(k, dim=1)[:, :, None] * wt
-            gw = gw / n - rmean * mean[:, None, :] + wpen  # d/dW with centred features (+ penalty)
-            f = loss / n + 0.5 * lam_sel.double() * (wt.double() ** 2).view(n_layers, m, -1).sum(-1)
+            gw = gw - rmean * mean[:, None, :] + wpen  # d/dW with centred features (+ penalty)
+            f = loss + 0.5 * lam_sel.double() * (wt.double() ** 2).view(n_layers, m, -1).sum(-1)
             gv = torch.bmm(gw, rot).view(n_layers, m, k, d)
             grad = torch.cat([gv, rmean.view(n_layers, m, k, 1)], dim=3) * s
             # original coordinates: dW = mean x r + lam W = gw + mean(r) * mu, db = mean(r)
@@ -161,6 +193,43 @@ class LogisticProbe(ProbeKind):
     def predict(self, X: torch.Tensor) -> torch.Tensor:
         z = self.decision_function(X)
         return (z[:, :, :, 0] > 0).long() if self.k_ == 1 else z.argmax(3)
+
+
+def _weighted_block(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    sets: torch.Tensor,
+    wt: torch.Tensor,
+    bias: torch.Tensor,
+    loss: torch.Tensor,
+    rsum: torch.Tensor,
+    gw: torch.Tensor,
+) -> None:
+    """Add one block of ``rows`` to the loss, residual sums and gradient of the problems (``sets`` [L, m]:
+    each problem's label set) with weight there; the others are not computed."""
+    n_layers, m = sets.shape
+    k, d = rsum.shape[2], X.shape[2]
+    wblk = weights[:, rows]  # [S, B]
+    rel = (wblk > 0).any(1)[sets]  # [L, m]
+    c = int(rel.sum(1).max())
+    if c == 0:
+        return
+    sub = torch.argsort((~rel).to(torch.int8), dim=1, stable=True)[:, :c]  # [L, c], the relevant first
+    pick = sub[:, :, None, None].expand(-1, -1, k, d)
+    w_sub = wt.view(n_layers, m, k, d).gather(1, pick).view(n_layers, c * k, d)
+    b_sub = bias.view(n_layers, m, k).gather(1, sub[:, :, None].expand(-1, -1, k)).reshape(n_layers, c * k)
+    s_sub = sets.gather(1, sub)  # [L, c]
+    xb = X[:, rows]
+    z = (torch.bmm(w_sub, xb.transpose(1, 2)) + b_sub[:, :, None]).view(n_layers, c, k, -1)
+    lb, resid = _loss_resid(z, Y[:, rows][s_sub])
+    wb = wblk[s_sub]  # [L, c, B]
+    lb, resid = lb * wb, resid * wb[:, :, None, :]
+    loss.scatter_add_(1, sub, lb.sum(-1, dtype=torch.float64))
+    rsum.scatter_add_(1, sub[:, :, None].expand(-1, -1, k), resid.sum(-1))
+    g = torch.bmm(resid.view(n_layers, c * k, -1), xb).view(n_layers, c, k, d)
+    gw.view(n_layers, m, k, d).scatter_add_(1, pick, g)
 
 
 def _loss_resid(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

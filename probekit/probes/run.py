@@ -2,7 +2,7 @@
 
 For every cache (one task of one model) and seed it fits a :class:`LayerwiseProbe` on all
 layers and writes one row per layer, split (dev, test) and metric (``acc``,
-``control_acc``, ``selectivity``, ``majority_acc``), in the vocabulary of
+``control_acc``, ``control_gap``, ``majority_acc``; the MDL probe's codelengths on ``train``), in the vocabulary of
 :mod:`probekit.results`. Each cache's features are read (and moved to the device) once,
 whatever the number of seeds. With ``out`` the table is saved after every task and seed,
 and a later run with the same settings skips what is already there.
@@ -40,6 +40,7 @@ from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_lay
 from probekit.probes.order import cache_order
 from probekit.probes.protocols import PROTOCOLS, Protocol, make_protocol, protocol_of
 from probekit.probes.tuned import TunedProbe
+from probekit.probes.predictions import FOLDER, file_name, from_probe, save_predictions
 from probekit.results import PARQUET, load_results, save_results, tidy
 from probekit.runs import Run
 
@@ -264,8 +265,11 @@ def _probe(
         others = previous[~mine]
         if resume:
             same = _same_fit(previous, settings, {c.manifest["key"]: task_settings[c.path] for c in opened})
-            done = previous[mine & same].to_dict("records")
-            done_keys = set(_keys(previous[mine & same]))
+            # a fit whose per-sentence predictions are missing (killed between the two writes, or made by an
+            # earlier version) is redone, so every fit in OUT has them
+            kept_fit = same & _has_predictions(previous, Path(out))
+            done = previous[mine & kept_fit].to_dict("records")
+            done_keys = set(_keys(previous[mine & kept_fit]))
             todo = [(c, s) for c, s in units if (c.manifest["key"], kind, s, protocol) not in done_keys]
             _warn_changed(previous[mine & ~same], settings)
     kept = [] if others is None else others.to_dict("records")
@@ -303,7 +307,9 @@ def _probe(
         if lp.not_converged_:
             _warn_not_converged(lp, c.task, seed)
         t0 = time.perf_counter()
-        new.extend(result_rows(lp, c, feats, json.dumps(task_settings[c.path], sort_keys=True), protocol))
+        fit_rows = result_rows(lp, c, feats, json.dumps(task_settings[c.path], sort_keys=True), protocol)
+        new.extend(fit_rows)
+        preds = None if out is None else fit_predictions(lp, c, feats, fit_rows[0])
         timings["score"] += time.perf_counter() - t0
         last = lp
         bar.update(1)
@@ -311,6 +317,8 @@ def _probe(
             save_results(tidy(new), Path(out) / PARTS / f"r{info.rank}")
         elif out is not None:
             save_results(tidy(kept + done + new), out)
+        if preds is not None and out is not None:  # after the results: OUT is marked as probekit's first
+            save_predictions(out, preds)
     bar.close()
     paths = {} if out is None else {"out": Path(out), "results": Path(out) / PARQUET}
     details = {"settings": settings, "fitted": len(todo), "reused": len(units) - len(todo)}
@@ -332,6 +340,21 @@ def _probe(
             remove_tree(Path(out) / PARTS)
     barrier()
     return finish(merged)
+
+
+def _has_predictions(previous: pd.DataFrame, out: Path) -> np.ndarray:
+    """Which rows of ``previous`` belong to a fit whose predictions file is in ``out``."""
+    cols = ("model", "task", "probe", "seed", "cache_key")
+    if any(c not in previous.columns for c in cols):
+        return np.zeros(len(previous), dtype=bool)
+    found: dict[tuple[Any, ...], bool] = {}
+    out_rows = []
+    for values in zip(*(previous[c] for c in cols), strict=True):
+        if values not in found:
+            ident = dict(zip(cols, values, strict=True))
+            found[values] = not pd.isna(ident["seed"]) and (out / FOLDER / file_name(ident)).is_file()
+        out_rows.append(found[values])
+    return np.array(out_rows, dtype=bool)
 
 
 def _order(cache: LayerCache) -> np.ndarray | None:
@@ -419,10 +442,16 @@ def result_rows(
         "cache_key": m.get("key"),
         "protocol": protocol if protocol is not None else protocol_of(lp.kind_),
     }
-    rows = []
+    rows = lp.train_rows(**columns)
     for split in REPORTED:
         rows += lp.rows(feats[split], cache.labels(split), split, **columns)
     return rows
+
+
+def fit_predictions(lp: LayerwiseProbe, cache: LayerCache, feats: dict[str, Any], first: dict[str, Any]) -> Any:
+    """Per-sentence correctness of one fit on the reported splits (:mod:`probekit.probes.predictions`)."""
+    identity = {k: first.get(k) for k in ("model", "task", "probe", "pool", "seed", "cache_key", "data_sha256")}
+    return from_probe(lp, identity, [(s, feats[s], cache.labels(s)) for s in REPORTED])
 
 
 def _scan(cache: LayerCache, feats: dict[str, torch.Tensor]) -> set[int]:

@@ -29,6 +29,7 @@ from probekit.config import Config, option
 from probekit.errors import ProbekitError
 from probekit.io import remove_tree, replace_dir, write_json
 from probekit.report import sections as _sections  # noqa: F401  (registers the sections)
+from probekit.report import sections_evidence as _evidence  # noqa: F401  (MDL, the paired tests: after them)
 from probekit.report.base import SECTIONS, Context, FigureItem, Section, TableItem, section
 from probekit.report.render import page_html, save_figure, summary_markdown
 from probekit.results import load_results
@@ -54,12 +55,19 @@ class ReportConfig(Config):
 
     component = "the report"
     split: str | None = option(None, "Probe split to report (default: test, else dev).")
-    metric: str = option("acc", "Probe metric: acc, selectivity, control_acc.")
+    metric: str = option("acc", "Probe metric: acc, control_gap, control_acc.")
     top: int = option(4, "Highest layers averaged in the fine-tuning grid.", ge=1)
     title: str | None = option(None, "Page title (default: from the output folder).")
 
 
 Results = pd.DataFrame | str | Path | Sequence[str | Path]
+
+
+def _folders(results: Results) -> list[str]:
+    """The input paths of results given as paths (where their stored predictions are looked for)."""
+    if isinstance(results, pd.DataFrame):
+        return []
+    return [str(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
 
 
 def _load(results: Results) -> tuple[pd.DataFrame, list[str]]:
@@ -102,6 +110,8 @@ def make_context(
         top=top,
         title=title or "probekit report",
         inputs=inputs,
+        prediction_paths=_folders(results) + (_folders(baseline) if baseline is not None else []),
+        baseline_prediction_paths=_folders(baseline) if baseline is not None else [],
     )
 
 

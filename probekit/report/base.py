@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from probekit import analysis
 from probekit.errors import ProbekitError
+from probekit.probes.predictions import Predictions, load_predictions
 from probekit.registry import Registry
 
 
@@ -63,6 +64,18 @@ class Context:
     top: int = 4
     title: str = "probekit report"
     inputs: Sequence[str] = ()
+    prediction_paths: Sequence[str] = ()  # results folders whose predictions/ the paired tests read
+    baseline_prediction_paths: Sequence[str] = ()
+
+    @cached_property
+    def predictions(self) -> list[Predictions]:
+        """Per-sentence correctness stored by ``probekit probe --out`` (empty when there is none)."""
+        return load_predictions(self.prediction_paths) if self.prediction_paths else []
+
+    @cached_property
+    def baseline_predictions(self) -> list[Predictions]:
+        paths = self.baseline_prediction_paths
+        return load_predictions(paths) if paths else []
 
     @cached_property
     def probe(self) -> pd.DataFrame:
