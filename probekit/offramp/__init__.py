@@ -12,13 +12,15 @@ BERT-family encoder::
 
 Modules: ``heads`` (the off-ramp modules and recorded outputs), ``train`` (training kernels),
 ``estimator`` (the ``OffRamps`` estimator), ``methods`` (``TRAINING_METHODS``: frozen / deebert /
-joint), ``policies`` (``EXIT_POLICIES``: exit rules, threshold sweeps, expected saving),
+joint), ``exit_methods`` (pabee, berxit, pondernet, palbert, slf, smart-alternating), ``halting``
+(LTE and Lambda modules, the methods' losses), ``compare`` (the comparison table), ``policies`` (``EXIT_POLICIES``: exit rules, threshold sweeps, expected saving),
 ``inference`` (real early exit and timing), ``checkpoint`` (safetensors + JSON checkpoints),
 ``plots`` (figures), ``run`` (the whole analysis).
 """
 
 from __future__ import annotations
 
+from probekit.offramp import exit_methods
 from probekit.offramp.estimator import OffRamps
 from probekit.offramp.heads import OffRamp, OffRampHeads, Record
 from probekit.offramp.inference import LayerStepper, early_exit
@@ -36,6 +38,7 @@ from probekit.offramp.run import MeasureConfig, OffRampConfig, run_offramp
 from probekit.offramp.train import TrainConfig
 
 __all__ = [
+    "exit_methods",
     "EXIT_POLICIES",
     "TRAINING_METHODS",
     "FineTuneConfig",
