@@ -13,8 +13,8 @@ BERT-family encoder::
 Modules: ``heads`` (the off-ramp modules and recorded outputs), ``train`` (training kernels),
 ``estimator`` (the ``OffRamps`` estimator), ``methods`` (``TRAINING_METHODS``: frozen / deebert /
 joint), ``exit_methods`` (pabee, berxit, pondernet, palbert, slf, smart-alternating), ``halting``
-(LTE and Lambda modules, the methods' losses), ``compare`` (the comparison table), ``policies`` (``EXIT_POLICIES``: exit rules, threshold sweeps, expected saving),
-``inference`` (real early exit and timing), ``checkpoint`` (safetensors + JSON checkpoints),
+(LTE and Lambda modules, the methods' losses), ``compare`` (the comparison table of methods),
+``policies`` (``EXIT_POLICIES``: exit rules, threshold sweeps, expected saving), (real early exit and timing), ``checkpoint`` (safetensors + JSON checkpoints),
 ``plots`` (figures), ``run`` (the whole analysis).
 """
 
@@ -38,7 +38,6 @@ from probekit.offramp.run import MeasureConfig, OffRampConfig, run_offramp
 from probekit.offramp.train import TrainConfig
 
 __all__ = [
-    "exit_methods",
     "EXIT_POLICIES",
     "TRAINING_METHODS",
     "FineTuneConfig",
@@ -55,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "TrainingMethod",
     "early_exit",
+    "exit_methods",
     "expected_saving",
     "make_policy",
     "run_offramp",
