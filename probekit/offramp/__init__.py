@@ -14,8 +14,8 @@ Modules: ``heads`` (the off-ramp modules and recorded outputs), ``train`` (train
 ``estimator`` (the ``OffRamps`` estimator), ``methods`` (``TRAINING_METHODS``: frozen / deebert /
 joint), ``exit_methods`` (pabee, berxit, pondernet, palbert, slf, smart-alternating), ``halting``
 (LTE and Lambda modules, the methods' losses), ``compare`` (the comparison table of methods),
-``policies`` (``EXIT_POLICIES``: exit rules, threshold sweeps, expected saving), (real early exit and timing), ``checkpoint`` (safetensors + JSON checkpoints),
-``plots`` (figures), ``run`` (the whole analysis).
+``policies`` (``EXIT_POLICIES``: exit rules, threshold sweeps, expected saving), ``inference`` (real
+early exit and timing), ``checkpoint`` (safetensors + JSON checkpoints), ``run`` (the whole analysis).
 """
 
 from __future__ import annotations
