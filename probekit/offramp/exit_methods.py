@@ -110,6 +110,7 @@ class PABEEMethod(_FineTuning):
     """PABEE: the encoder and every off-ramp on the weighted average of the per-layer losses (weight j)."""
 
     name = "pabee"
+    exit_policies = ("patience",)
 
     def train(self, job: TrainingJob) -> Trained:
         heads, encoder, tok, common = self._setup(job)
@@ -145,6 +146,7 @@ class BERxiTMethod(_FineTuning):
     """BERxiT: off-ramps and the LTE module trained with the encoder (``L_i + J_i``), alternating."""
 
     name = "berxit"
+    exit_policies = ("lte",)
     config_class = BERxiTConfig
 
     def train(self, job: TrainingJob) -> Trained:
@@ -217,6 +219,7 @@ class PonderNetMethod(_Ponder):
     """PonderNet: a linear Lambda layer on h_i and the classifier, trained with the encoder (sampling exit)."""
 
     name = "pondernet"
+    exit_policies = ("pondernet",)
     kind = "linear"
 
 
@@ -225,6 +228,7 @@ class PALBERTMethod(_Ponder):
     """PALBERT: a 3-layer tanh Lambda MLP on [h_i, h_{i-1}] with its own learning rate (Q-exit)."""
 
     name = "palbert"
+    exit_policies = ("qexit", "pondernet")
     kind = "mlp"
 
 
@@ -244,6 +248,7 @@ class SLFMethod(_FineTuning):
     """BERTer's Sequential Layer Focus: each layer in turn with its off-ramp, then everything jointly."""
 
     name = "slf"
+    exit_policies = ("confidence",)
     config_class = SLFConfig
 
     def train(self, job: TrainingJob) -> Trained:
@@ -293,6 +298,7 @@ class SmartAlternatingMethod(_FineTuning):
     the last off-ramp's held-out score fell below its best (then back to all once it recovers)."""
 
     name = "smart-alternating"
+    exit_policies = ("confidence",)
 
     def train(self, job: TrainingJob) -> Trained:
         if HELDOUT not in job.data.splits:

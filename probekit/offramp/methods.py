@@ -88,6 +88,8 @@ class TrainingMethod:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    exit_policies: ClassVar[tuple[str, ...]] = ("entropy",)
+    """The exit policies of the method's paper (marked ``native`` in the results; the comparison's rows)."""
 
     def __init__(self, config: TrainConfig | None = None) -> None:
         self.config = config

@@ -353,7 +353,8 @@ def _run(
         "data_sha256": full.sha256,
         "settings": json.dumps(settings, sort_keys=True),
     }
-    rows = layer_rows(base, dev, metric_names) + _policy_rows(base, dev, sweeps, timed, n_layers, chosen)
+    native = set(method.exit_policies)
+    rows = layer_rows(base, dev, metric_names) + _policy_rows(base, dev, sweeps, timed, n_layers, chosen, native)
     df = tidy(rows)
     save_results(df, out)
     paths = _save_artifacts(out, heads, fitted, dev, full, settings, trained.history, timings, started)
@@ -497,10 +498,11 @@ def _policy_rows(
     timed: dict[str, dict[str, Any]],
     n_layers: int,
     chosen: Mapping[str, float] | None = None,
+    native: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Exit-policy rows: per policy and threshold, the metric(s) (no single layer) and the exit histogram
     (``metric="exit_fraction"``, ``layer`` the exit layer); ``chosen`` marks the threshold chosen on the
-    held-out split (:func:`_choose_thresholds`)."""
+    held-out split (:func:`_choose_thresholds`), ``native`` the training method's own policies."""
     rows: list[dict[str, Any]] = []
     chosen = chosen or {}
     for pname, points in sweeps.items():
@@ -508,6 +510,7 @@ def _policy_rows(
             extra = {
                 "policy": pname,
                 "chosen": pname in chosen and chosen[pname] == p.threshold,
+                "native": pname in (native or set()),
                 "threshold": p.threshold,
                 "threshold_name": p.threshold_name,
                 "mean_exit_layer": p.mean_exit_layer,
