@@ -207,3 +207,28 @@ def run_comparison(
         timings={f"{m}/seed-{s}": r.timings.get("total", float("nan")) for (m, s), r in runs.items()},
         details={"table": table, "native": native, "runs": runs},
     )
+
+
+def offramp_peaks(results: pd.DataFrame) -> pd.DataFrame:
+    """The convexity view of the off-ramps: per model, task, method and metric, the layer whose off-ramp
+    scores best (mean over seeds), its score, the last layer's and the drop between them."""
+    rows = results[results["source"] == "offramp"]
+    out = []
+    for (model, task, mode, metric), cur in rows.groupby(["model", "task", "mode", "metric"], sort=False):
+        curve = cur.groupby(pd.to_numeric(cur["layer"]))["value"].mean()
+        peak = int(curve.idxmax())
+        out.append(
+            {
+                "model": model,
+                "task": task,
+                "method": mode,
+                "metric": metric,
+                "peak_layer": peak,
+                "layers": int(curve.index.max()),
+                "peak": float(curve.max()),
+                "last": float(curve.iloc[-1]),
+                "drop": float(curve.max() - curve.iloc[-1]),
+                "seeds": int(cur["seed"].nunique()),
+            }
+        )
+    return pd.DataFrame(out)
