@@ -34,7 +34,7 @@ from torch import nn
 from probekit import metrics as M
 from probekit.config import option
 from probekit.data import HELDOUT
-from probekit.encoding import encode
+from probekit.encoding import collate, plan_batches, tokenize
 from probekit.errors import ProbekitError
 from probekit.offramp.halting import LTE, Halting, lte_targets, pabee_loss
 from probekit.offramp.heads import OffRampHeads, per_layer_loss, predict
@@ -243,6 +243,31 @@ def layer_parameters(model: nn.Module) -> list[list[nn.Parameter]]:
     return [list(block.parameters()) for block in LayerStepper(model).blocks]
 
 
+def slf_phases(heads: OffRampHeads, blocks: list[list[nn.Parameter]], focus_epochs: int, epochs: int) -> list[Phase]:
+    """SLF's phases: layer k in focus (its off-ramp's loss; only block k and off-ramp k updated) for
+    k = 1..L, then all layers jointly (the sum of the losses, everything updated)."""
+    regression = heads.regression
+
+    def focus_loss(k: int) -> Any:
+        def loss(hs: Sequence[torch.Tensor], y: torch.Tensor, step: int) -> torch.Tensor:
+            out = heads.ramps[k](hs[k + 1][:, 0])[:, None]
+            return per_layer_loss(out, y, regression).mean()
+
+        return loss
+
+    phases = [
+        Phase(
+            f"slf focus layer {k + 1}",
+            focus_epochs,
+            focus_loss(k),
+            trainable=lambda k=k: [*blocks[k], *heads.ramps[k].parameters()],
+        )
+        for k in range(heads.n_layers)
+    ]
+    phases.append(Phase("slf joint", epochs, lambda hs, y, step: sum_loss(heads, hs, y)))
+    return phases
+
+
 @TRAINING_METHODS.register("slf")
 class SLFMethod(_FineTuning):
     """BERTer's Sequential Layer Focus: each layer in turn with its off-ramp, then everything jointly."""
@@ -258,25 +283,7 @@ class SLFMethod(_FineTuning):
         blocks = layer_parameters(encoder)
         if len(blocks) != heads.n_layers:
             raise ProbekitError(f"slf: the encoder has {len(blocks)} blocks for {heads.n_layers} off-ramps")
-        regression = heads.regression
-
-        def focus_loss(k: int) -> Any:
-            def loss(hs: Sequence[torch.Tensor], y: torch.Tensor, step: int) -> torch.Tensor:
-                out = heads.ramps[k](hs[k + 1][:, 0])[:, None]
-                return per_layer_loss(out, y, regression).mean()
-
-            return loss
-
-        phases = [
-            Phase(
-                f"slf focus layer {k + 1}",
-                cfg.focus_epochs,
-                focus_loss(k),
-                trainable=lambda k=k: [*blocks[k], *heads.ramps[k].parameters()],
-            )
-            for k in range(heads.n_layers)
-        ]
-        phases.append(Phase("slf joint", cfg.n_epochs(finetune=True), lambda hs, y, step: sum_loss(heads, hs, y)))
+        phases = slf_phases(heads, blocks, cfg.focus_epochs, cfg.n_epochs(finetune=True))
         history = train_phases(
             encoder,
             nn.ModuleDict({"heads": heads}),
@@ -343,11 +350,18 @@ class SmartAlternatingMethod(_FineTuning):
 
     @staticmethod
     def _held_score(job: TrainingJob, encoder: nn.Module, heads: OffRampHeads, held: Any, metric: str) -> float:
-        tuned = _fine_tuned_backbone(encoder, job.backbone, "smart-alternating")
+        """The last off-ramp's ``metric`` on the held-out split (eval mode, no gradient; the encoder is left
+        trainable: a ``Backbone`` would freeze it)."""
+        bb = job.backbone
+        tok = tokenize(bb.tokenizer, held.texts, held.text_pairs, job.max_length)
+        pad = int(bb.tokenizer.pad_token_id)
+        names = bb.input_names or ("input_ids", "attention_mask", "token_type_ids")
         encoder.eval()
         heads.eval()
-        feats = encode(tuned, held.texts, held.text_pairs, pool="cls", max_length=job.max_length, progress=False)
+        preds = np.zeros(len(held), dtype=np.float64 if heads.regression else np.int64)
         with torch.no_grad():
-            out = heads.ramps[-1](torch.as_tensor(np.asarray(feats[:, -1]), device=job.backbone.device))
-        pred = np.asarray(predict(out.cpu(), heads.regression))
-        return float(M.score([metric], held.labels, pred)[metric])
+            for idx in plan_batches(tok.lengths, batch_size=64):
+                batch = {k: v for k, v in collate(tok, idx, pad, bb.device).items() if k in names}
+                last = encoder(**batch, output_hidden_states=True, return_dict=True).hidden_states[-1][:, 0]
+                preds[idx] = np.asarray(predict(heads.ramps[-1](last).cpu(), heads.regression))
+        return float(M.score([metric], held.labels, preds)[metric])
