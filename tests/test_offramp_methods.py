@@ -36,7 +36,8 @@ from tests.helpers import make_tiny_bert, random_sentence, tiny_tokenizer, tiny_
 from tests.test_offramp import toy_sst2
 
 POLICIES = "entropy,confidence,patience,lte,pondernet,qexit"
-FAST = {"epochs": 3, "batch_size": 8, "lr": 1e-3, "measure": False, "checkpoint_every": 1, "train_n": 40}
+QUICK = PolicyConfig(epochs=4)  # the post-hoc learned policies: a few epochs
+FAST = {"epochs": 3, "batch_size": 8, "lr": 1e-3, "measure": False, "train_n": 40}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,8 +113,9 @@ def test_every_method_trains_and_exits_online_as_offline(
     method: str, arch: str, models: dict[str, Path], toy: Path, tmp_path: Path
 ) -> None:
     run = run_offramp(
-        models[arch], "sst2", tmp_path / "o", method, data_dir=toy, policies=POLICIES, progress=False, **FAST
-    )
+        models[arch], "sst2", tmp_path / "o", method, data_dir=toy, policies=POLICIES, policy=QUICK, progress=False,
+        **FAST,
+    )  # fmt: skip
     _falls(run.history, method)
     trained = set(run.settings["trained_policies"])
     want = {"berxit": {"lte"}, "pondernet": {"pondernet", "qexit"}, "palbert": {"pondernet", "qexit"}}
@@ -124,8 +126,8 @@ def test_every_method_trains_and_exits_online_as_offline(
     rec, heads, encoder = run.dev, run.heads, run.encoder
     for name, pol in run.policies.items():
         ts = pol.thresholds()
-        for t in sorted({ts[0], ts[len(ts) // 2], ts[-1]}):
-            for i, text in enumerate(texts[:6]):  # batch size 1, sample i with seed i
+        for t in sorted({ts[0], ts[len(ts) // 2]}):
+            for i, text in enumerate(texts[:4]):  # batch size 1, sample i with seed i
                 online = early_exit(encoder, heads, tokenize(bb.tokenizer, [text]), 0, pol, t, seed=i)
                 offline = simulate(pol, rec.subset(np.array([i])), t, seed=i)
                 assert online.exit_layers[0] == offline[0], (method, name, t, i)
@@ -299,7 +301,8 @@ def test_resume_across_phases_and_epochs(
 ) -> None:
     """Interrupted after a phase / epoch boundary (SLF's focus phases, Smart Alternating's switch), the rerun
     gives the rows of the uninterrupted run."""
-    args = {"data_dir": toy, "policies": "entropy,qexit", "progress": False, **FAST}
+    args = {"data_dir": toy, "policies": "entropy,qexit", "policy": QUICK, "progress": False, "checkpoint_every": 1}
+    args.update(FAST)
     whole = run_offramp(models["bert"], "sst2", tmp_path / "whole", method, **args)
     real, calls = train_mod.collate, [0]
 
