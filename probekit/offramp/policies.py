@@ -25,8 +25,10 @@ running layers once a sample exits. The last layer always exits.
 PonderNet objective (Banino et al., 2021; PALBERT, Balagansky & Gavrilov, 2022):
 ``sum_i p(i|x) loss_i + beta * KL(p(.|x) || geometric(lambda_p))`` with
 ``p(i|x) = lambda_i prod_{j<i} (1 - lambda_j)`` and the last layer taking the remaining mass
-(the prior is truncated to L layers and normalised the same way). Here the off-ramps are
-fixed: the halting layers are fitted post hoc on the recorded outputs of a held-out split.
+(the prior is truncated to L layers and normalised the same way). Fitted post hoc, the off-ramps are
+fixed and the halting layers learn on the recorded outputs of a held-out split; the ``pondernet`` and
+``palbert`` training methods (:mod:`probekit.offramp.exit_methods`) train them with the encoder instead,
+and these policies then use the trained module (:meth:`Policy.adopt`), as ``lte`` uses BERxiT's.
 
 h_i is layer i's first-token state, standardised per layer with the held-out split's
 statistics.
@@ -65,9 +67,9 @@ class PolicyConfig(Config):
     epochs: int = option(40, "Learned policies: training epochs.", ge=1, cli=False)
     lr: float = option(5e-3, "Learned policies: Adam learning rate.", gt=0, cli=False)
     batch_size: int = option(256, "Learned policies: batch size.", ge=1, cli=False)
-    beta: float = option(0.5, "PonderNet/PALBERT: weight of the KL to the geometric prior.", ge=0)
-    prior_lambda: float = option(0.1, "PALBERT (qexit): lambda_p of the geometric prior.", gt=0, le=1)
-    mlp_hidden: int = option(128, "PALBERT (qexit): width of the lambda MLP.", ge=1)
+    beta: float = option(0.5, "Post-hoc pondernet/qexit policies: weight of the KL to the geometric prior.", ge=0)
+    prior_lambda: float = option(0.1, "Post-hoc qexit policy: lambda_p of the geometric prior.", gt=0, le=1)
+    mlp_hidden: int = option(128, "Post-hoc qexit policy: width of the lambda MLP.", ge=1)
     tolerance: float = option(0.1, "Patience on regression: consecutive predictions closer than this agree.", ge=0)
     seed: int = option(0, "Seed of the learned policies' training (the run's seed overrides it).", ge=0, cli=False)
 

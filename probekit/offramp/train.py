@@ -47,9 +47,9 @@ class TrainConfig(Config):
     component: ClassVar[str] = "the off-ramp training"
 
     epochs: int | None = option(None, "Epochs (default 5 frozen, 2 fine-tuning).", ge=1)
-    batch_size: int = option(32, "Batch size when fine-tuning the encoder (deebert, joint).", ge=1)
+    batch_size: int = option(32, "Batch size when fine-tuning the encoder (every method but frozen).", ge=1)
     head_batch_size: int = option(128, "Batch size of off-ramps on fixed states (frozen, deebert stage 2).", ge=1)
-    lr: float = option(3e-5, "Encoder learning rate (deebert stage 1, joint).", gt=0)
+    lr: float = option(3e-5, "Encoder learning rate (every method but frozen).", gt=0)
     head_lr: float = option(1e-3, "Off-ramp learning rate.", gt=0)
     weight_decay: float = option(0.01, "AdamW weight decay.", ge=0)
     warmup: float = option(0.1, "Fraction of the fine-tuning steps with a linear learning-rate warm-up.", ge=0, le=1)
