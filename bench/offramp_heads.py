@@ -64,7 +64,8 @@ def main() -> None:
             torch.set_num_threads(threads)
             loop = bare(x, y, args.batch_size)
             ours = probekit_heads(x, y, args.batch_size, threads)
-            print(f"threads {threads}: fit_heads {ours:6.1f} steps/s, bare loop {loop:6.1f} steps/s, ratio {ours / loop:.2f}")
+            print(f"threads {threads}: fit_heads {ours:6.1f} steps/s, bare loop {loop:6.1f} steps/s", end="")
+            print(f", ratio {ours / loop:.2f}")
     finally:
         if spinner is not None:
             spinner.kill()
