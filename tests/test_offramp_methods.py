@@ -346,13 +346,18 @@ def test_cli_compares_methods_over_seeds(models: dict[str, Path], toy: Path, tmp
     out = tmp_path / "cmp"
     base = ["offramp", "--model", str(models["bert"]), "--task", "sst2", "--data-dir", str(toy), "--out", str(out)]
     args = [*base, "--method", "deebert,pabee", "--seeds", "0,1", "--epochs", "1", "--batch-size", "8", "-q"]
-    args += ["--time-n", "3", "--time-thresholds", "1", "--policies", "entropy,patience"]
+    args += ["--time-n", "3", "--time-thresholds", "1", "--policies", "entropy,patience", "--time-policies", "native"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "comparison.csv")
     assert {"plain fine-tuning", "deebert", "pabee"} <= set(table["method"]) and (table["seeds"] == 2).all()
     ramps = pd.read_parquet(out / "results.parquet")
     last = ramps[(ramps["source"] == "offramp") & (ramps["mode"] == "deebert") & (ramps["layer"] == 3)]
+    timed = ramps[ramps["measured_saving"].notna()]
+    assert set(map(tuple, timed[["mode", "policy"]].drop_duplicates().to_numpy())) == {
+        ("deebert", "entropy"),
+        ("pabee", "patience"),
+    }  # --time-policies native: each method's own policy only
     plain = table[table["method"] == "plain fine-tuning"]["score"].item()
     assert plain == pytest.approx(last["value"].mean())
     assert "| pabee | patience | 2 |" in (out / "comparison.md").read_text(encoding="utf-8")

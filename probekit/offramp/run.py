@@ -102,6 +102,9 @@ class MeasureConfig(Config):
     measure_batch_size: int = option(32, "Batch size of the batched timing mode.", ge=1)
     measure_threads: int | None = option(1, "CPU threads while timing (0 = torch's default).", ge=0)
     measure_repeats: int = option(1, "Timing repeats (best of).", ge=1)
+    time_policies: str = option(
+        "all", "Policies timed: all, native (the training method's own: PABEE's patience, ...) or a list."
+    )
 
 
 ALIASES = {
@@ -301,6 +304,7 @@ def _run(
 
     timed: dict[str, dict[str, Any]] = {}
     if tcfg.measure:
+        to_time = _timed_policies(tcfg.time_policies, list(fitted), method.exit_policies, regression)
         t0 = time.perf_counter()
         with cpu_threads(tcfg.measure_threads or None):
             timed = _measure_all(
@@ -308,8 +312,8 @@ def _run(
                 encoder,
                 heads,
                 data.splits["dev"],
-                fitted,
-                sweeps,
+                {k: v for k, v in fitted.items() if k in to_time},
+                {k: v for k, v in sweeps.items() if k in to_time},
                 dev,
                 max_length,
                 tcfg.time_n,
@@ -334,6 +338,7 @@ def _run(
         "measure_threads": tcfg.measure_threads or None,
         "time_n": tcfg.time_n,
         "time_thresholds": tcfg.time_thresholds,
+        "time_policies": tcfg.time_policies,
         "policy_fit": cfg.policy_fit,
         "trained_policies": sorted(adopted),
         "measure_repeats": tcfg.measure_repeats,
@@ -380,6 +385,14 @@ def _run(
             "sweeps": sweeps,
         },
     )
+
+
+def _timed_policies(spec: str, names: list[str], native: Sequence[str], regression: bool) -> list[str]:
+    """The policies to time: ``all``, ``native`` (the method's own) or a comma-separated list."""
+    if spec == "all":
+        return names
+    wanted = list(native) if spec == "native" else policies.parse_policies(spec, regression)
+    return [n for n in names if n in wanted]
 
 
 def _choose_thresholds(
