@@ -32,7 +32,8 @@ from probekit.offramp.heads import record
 from probekit.offramp.inference import LayerStepper
 from probekit.offramp.policies import PolicyConfig, PonderNetPolicy, QExitPolicy, halting_distribution
 from probekit.offramp.train import TrainConfig, train_phases, trainable_copy
-from tests.helpers import make_tiny_bert, random_sentence, tiny_tokenizer, tiny_vocab
+from probekit.suite import run_suite
+from tests.helpers import make_tiny_bert, random_sentence, tiny_tokenizer, tiny_vocab, toy_senteval
 from tests.test_offramp import toy_sst2
 
 POLICIES = "entropy,confidence,patience,lte,pondernet,qexit"
@@ -365,3 +366,40 @@ def test_cli_compares_methods_over_seeds(models: dict[str, Path], toy: Path, tmp
     assert bad.exit_code == 2 and "did you mean 'pabee'" in bad.output, bad.output
     bad = CliRunner().invoke(app, [*base, "--method", "pabee", "--seeds", "0,x"])
     assert bad.exit_code == 2 and "--seeds" in bad.output, bad.output
+
+
+SUITE = """
+name = "cmp"
+out = "runs/cmp"
+data_dir = "data"
+threads = 1
+
+[model]
+name = "tiny"
+path = "{model}"
+
+[probe]
+tasks = ["toy_a.txt"]
+max_length = 32
+
+[offramp]
+tasks = ["sst2"]
+modes = ["deebert", "pabee"]
+policies = "entropy,patience"
+epochs = 1
+batch_size = 8
+measure = false
+"""
+
+
+def test_suite_offramp_table_writes_the_comparison(models: dict[str, Path], tmp_path: Path) -> None:
+    toy_sst2(tmp_path / "data", n_train=30, n_dev=8)
+    toy_senteval(tmp_path / "toy_a.txt", seed=1)
+    path = tmp_path / "cmp.toml"
+    path.write_text(SUITE.format(model=models["bert"]), encoding="utf-8")
+    run = run_suite(path, progress=False)
+    assert ("offramp", "ran") in [(s.step, s.status) for s in run.steps]
+    table = pd.read_csv(tmp_path / "runs" / "cmp" / "offramp" / "sst2" / "comparison.csv")
+    assert {"plain fine-tuning", "deebert", "pabee"} <= set(table["method"])
+    page = (tmp_path / "runs" / "cmp" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "fig-methods-vs-saving" in page and "offramp-comparison" in page
