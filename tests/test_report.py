@@ -54,6 +54,7 @@ def test_report_files_tables_and_summary(made: dict) -> None:
         "finetune-grid-layers",
         "mlm-curves",
         "offramp-curves",
+        "offramp-layer-curves",
         "quality-vs-saving",
         "exit-histograms",
         "saving-calibration",
