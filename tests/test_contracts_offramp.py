@@ -257,7 +257,7 @@ def test_an_old_pickle_checkpoint_is_refused_unread(tiny_model: Path, toy: Path,
 def test_cli_method_alias_and_options(tiny_model: Path, toy: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     help_text = runner.invoke(app, ["offramp", "--help"], env={"COLUMNS": "200"}).output
-    for flag in ("--mode", "--method", "--epochs", "--head-lr", "--beta", "--prior-lambda", "--measure-n", "--fresh"):
+    for flag in ("--mode", "--method", "--epochs", "--head-lr", "--beta", "--prior-lambda", "--time-n", "--fresh"):
         assert flag in help_text, flag
     assert all(n in help_text for n in EXIT_POLICIES.names()) and all(m in help_text for m in TRAINING_METHODS)
     base = ["offramp", "--model", str(tiny_model), "--task", "sst2", "--data-dir", str(toy), "-q", "--no-measure"]

@@ -323,7 +323,7 @@ def test_a_command_killed_midway_and_rerun_gives_the_same_numbers(
         args = ["probe", str(two_caches), "--device", "cpu", "--quiet", "--max-iter", "20", "--out"]
     elif command == "offramp":
         task = toy_senteval(tmp_path / "toy.txt", n=(24, 8, 8))
-        args = ["offramp", "--model", str(tiny_model), "--task", str(task), "--measure-n", "8", "--measure-points"]
+        args = ["offramp", "--model", str(tiny_model), "--task", str(task), "--time-n", "8", "--time-thresholds"]
         args += ["2", "--device", "cpu", "--quiet", "--out"]
     else:
         corpus = tmp_path / "corpus.txt"

@@ -54,6 +54,7 @@ def test_report_files_tables_and_summary(made: dict) -> None:
         "finetune-grid-layers",
         "mlm-curves",
         "offramp-curves",
+        "offramp-layer-curves",
         "quality-vs-saving",
         "exit-histograms",
         "saving-calibration",
@@ -84,9 +85,9 @@ def test_report_html_is_self_contained_with_captions(made: dict) -> None:
     assert not re.search(r"(src|href)=\"(https?:|//)", page)
     assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
     imgs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(imgs) == 10 and all(src.startswith("data:image/png;base64,") for src in imgs)
+    assert len(imgs) == 11 and all(src.startswith("data:image/png;base64,") for src in imgs)
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", page, flags=re.S)
-    assert len(captions) == 10
+    assert len(captions) == 11
     heat = next(c for c in captions if "figures/heatmap.png" in c)
     for words in ("Models bert, bert-cola, bert-sst2", "linear probe", "mean pooling", "20,000 train", "2,000 test"):
         assert words in heat, words

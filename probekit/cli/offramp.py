@@ -12,6 +12,8 @@ import typer
 from probekit.cli import app
 from probekit.cli.common import DataDir, Device, Model, Quiet, check_paths, print_table, writing
 from probekit.cli.options import derive
+from probekit.errors import ParamError
+from probekit.offramp.compare import parse_methods, run_comparison
 from probekit.offramp.methods import TRAINING_METHODS
 from probekit.offramp.policies import EXIT_POLICIES
 from probekit.offramp.run import option_sources, run_offramp, summarize
@@ -33,8 +35,17 @@ def offramp(
     ],
     mode: Annotated[
         str,
-        typer.Option("--mode", "--method", help=f"Off-ramp training method ({_choices(TRAINING_METHODS)})."),
+        typer.Option(
+            "--method",
+            "--mode",
+            help=f"Off-ramp training method ({_choices(TRAINING_METHODS)}); several, comma-separated (or all), "
+            "run each and write the comparison table (OUT/comparison.csv, .md).",
+        ),
     ] = "frozen",
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated seeds: one run per method and seed, the table as mean and spread."),
+    ] = None,
     policies: Annotated[
         str,
         typer.Option(help=f"Comma-separated exit policies: {', '.join(EXIT_POLICIES.names())} (or all)."),
@@ -60,12 +71,54 @@ def offramp(
         outputs={"out": out, "figures": figures, "cache_dir": cache_dir},
         data_dir=data_dir,
     )
+    methods = parse_methods(mode)
+    seed_list = _seeds(seeds)
+    if len(methods) > 1 or seed_list is not None:
+        with writing(out):
+            run = run_comparison(
+                model,
+                task,
+                out,
+                methods,
+                seeds=seed_list or [int(options.pop("seed", 0))],
+                policies=policies,
+                data_dir=data_dir,
+                device=device,
+                name=name,
+                cache_dir=cache_dir,
+                trust_remote_code=trust_remote_code,
+                fresh=fresh,
+                progress=not quiet,
+                **options,
+            )
+        if figures is not None:
+            stem = slug(f"offramp_{run.results['task'].iloc[0]}_{run.results['model'].iloc[0]}_comparison")
+            for path in save_figures(run.results, figures, stem=stem):
+                typer.echo(f"figure: {path}")
+        table = run.details["native"]
+        print_table(
+            [
+                {
+                    "method": r.method,
+                    "policy": r.policy,
+                    "seeds": r.seeds,
+                    r.metric: f"{r.score:.4f}",
+                    "full": f"{r.full_score:.4f}",
+                    "exp. speed-up": f"{r.expected_speedup:.2f}x",
+                    "meas. speed-up": f"{r.measured_speedup:.2f}x",
+                }
+                for r in table.itertuples()
+            ],
+            title="comparison: each method's own exit policy, threshold chosen on held-out (all: comparison.csv)",
+        )
+        typer.echo(f"results: {out}\ncomparison: {run.paths['comparison']}")
+        return
     with writing(out):
         run = _run(
             model,
             task,
             out,
-            mode,
+            methods[0],
             policies,
             data_dir,
             device,
@@ -86,6 +139,15 @@ def offramp(
     print_table(per_layer, title="metric by exit layer")
     print_table(best, title="best threshold per policy")
     typer.echo(f"results: {out}" + "".join(f"\nfigure: {p}" for p in paths))
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ParamError("seeds", f"must be comma-separated integers, got {text!r}") from None
 
 
 def _run(

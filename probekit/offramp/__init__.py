@@ -12,13 +12,15 @@ BERT-family encoder::
 
 Modules: ``heads`` (the off-ramp modules and recorded outputs), ``train`` (training kernels),
 ``estimator`` (the ``OffRamps`` estimator), ``methods`` (``TRAINING_METHODS``: frozen / deebert /
-joint), ``policies`` (``EXIT_POLICIES``: exit rules, threshold sweeps, expected saving),
-``inference`` (real early exit and timing), ``checkpoint`` (safetensors + JSON checkpoints),
-``plots`` (figures), ``run`` (the whole analysis).
+joint), ``exit_methods`` (pabee, berxit, pondernet, palbert, slf, smart-alternating), ``halting``
+(LTE and Lambda modules, the methods' losses), ``compare`` (the comparison table of methods),
+``policies`` (``EXIT_POLICIES``: exit rules, threshold sweeps, expected saving), ``inference`` (real
+early exit and timing), ``checkpoint`` (safetensors + JSON checkpoints), ``run`` (the whole analysis).
 """
 
 from __future__ import annotations
 
+from probekit.offramp import exit_methods
 from probekit.offramp.estimator import OffRamps
 from probekit.offramp.heads import OffRamp, OffRampHeads, Record
 from probekit.offramp.inference import LayerStepper, early_exit
@@ -52,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "TrainingMethod",
     "early_exit",
+    "exit_methods",
     "expected_saving",
     "make_policy",
     "run_offramp",

@@ -51,13 +51,19 @@ class OffRamp(nn.Module):
 
 
 class OffRampHeads(nn.Module):
-    """One off-ramp per transformer layer (``n_layers`` = L, the layers 1..L)."""
+    """One off-ramp per transformer layer (``n_layers`` = L, the layers 1..L); ``shared``: one off-ramp
+    applied at every layer (PonderNet's and PALBERT's classifier)."""
 
-    def __init__(self, n_layers: int, hidden: int, n_classes: int, dropout: float = 0.1) -> None:
+    def __init__(self, n_layers: int, hidden: int, n_classes: int, dropout: float = 0.1, shared: bool = False) -> None:
         super().__init__()
         self.regression = n_classes == 0
         self.n_out = 1 if self.regression else n_classes
-        self.ramps = nn.ModuleList(OffRamp(hidden, self.n_out, dropout) for _ in range(n_layers))
+        self.shared = shared
+        if shared:
+            one = OffRamp(hidden, self.n_out, dropout)
+            self.ramps = nn.ModuleList(one for _ in range(n_layers))
+        else:
+            self.ramps = nn.ModuleList(OffRamp(hidden, self.n_out, dropout) for _ in range(n_layers))
 
     @property
     def n_layers(self) -> int:

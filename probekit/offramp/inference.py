@@ -1,7 +1,7 @@
 """Real early exit: run an encoder one layer at a time and stop once a sample exits.
 
 :class:`LayerStepper` drives the blocks of a BERT-family encoder (BERT, RoBERTa,
-XLM-R, CamemBERT, ELECTRA, DistilBERT) by hand: the embeddings, then block 1, 2, ...
+XLM-R, CamemBERT, ELECTRA, DistilBERT, ALBERT) by hand: the embeddings, then block 1, 2, ...
 with the attention mask the blocks expect (``transformers.masking_utils``). Its hidden
 states equal the model's own ``output_hidden_states`` (a test checks it).
 
@@ -29,7 +29,7 @@ from probekit.errors import ProbekitError
 from probekit.offramp.heads import OffRampHeads
 from probekit.offramp.policies import Policy
 
-BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert")
 
 
 class LayerStepper:
@@ -48,10 +48,15 @@ class LayerStepper:
         self.model = model
         self.config = config
         if model_type == "distilbert":
-            self.blocks = model.transformer.layer
+            self.blocks = list(model.transformer.layer)
+        elif model_type == "albert":  # shared layers: layer i runs its group (ALBERT's own rule)
+            groups, n = model.encoder.albert_layer_groups, config.num_hidden_layers
+            self.blocks = [groups[int(i / (n / config.num_hidden_groups))] for i in range(n)]
         else:
-            self.blocks = model.encoder.layer
+            self.blocks = list(model.encoder.layer)
         self.project = getattr(model, "embeddings_project", None)
+        if model_type == "albert":
+            self.project = model.encoder.embedding_hidden_mapping_in
         self.uses_token_types = model_type != "distilbert"
 
     @property

@@ -75,6 +75,8 @@ class Trained:
     history: dict[str, list[float]]
     paths: dict[str, Path] = field(default_factory=dict)
     estimator: OffRamps | None = None
+    components: dict[str, Any] = field(default_factory=dict)
+    """Modules the method trained for its exit policy (``lte``; ``halting`` with its ``prior_lambda``)."""
 
 
 TRAINING_METHODS: Registry[type[TrainingMethod]] = Registry("off-ramp training method", "mode")
@@ -86,6 +88,8 @@ class TrainingMethod:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    exit_policies: ClassVar[tuple[str, ...]] = ("entropy",)
+    """The exit policies of the method's paper (marked ``native`` in the results; the comparison's rows)."""
 
     def __init__(self, config: TrainConfig | None = None) -> None:
         self.config = config
@@ -165,10 +169,13 @@ def _encode_recorded(tuned: Backbone, job: TrainingJob) -> dict[str, np.ndarray]
 class _FineTuning(TrainingMethod):
     config_class = FineTuneConfig
 
-    def _setup(self, job: TrainingJob) -> tuple[OffRampHeads, torch.nn.Module, Any, dict[str, Any]]:
+    def _setup(
+        self, job: TrainingJob, shared: bool = False
+    ) -> tuple[OffRampHeads, torch.nn.Module, Any, dict[str, Any]]:
         bb, data, cfg = job.backbone, job.data, self.options
         torch.manual_seed(cfg.seed)
-        heads = OffRampHeads(bb.n_layers - 1, bb.hidden_size, data.n_classes, cfg.dropout).to(bb.device)
+        heads = OffRampHeads(bb.n_layers - 1, bb.hidden_size, data.n_classes, cfg.dropout, shared=shared)
+        heads = heads.to(bb.device)
         encoder = trainable_copy(bb.model)
         train = data.splits["train"]
         tok = tokenize(bb.tokenizer, train.texts, train.text_pairs, job.max_length)
@@ -183,15 +190,40 @@ class _FineTuning(TrainingMethod):
         return heads, encoder, tok, common
 
 
+@dataclass(frozen=True)
+class DeeBERTConfig(FineTuneConfig):
+    component: ClassVar[str] = "DeeBERT's two stages"
+    stage2_epochs: int = option(5, "DeeBERT stage 2: epochs of the other off-ramps (the paper's 5).", ge=1)
+    stage2_lr: float = option(1e-3, "DeeBERT stage 2: learning rate of the other off-ramps (the paper's 1e-3).", gt=0)
+    encoder_pooler: bool = option(
+        True, "DeeBERT: the last off-ramp starts from the encoder's own pre-trained pooler (when it has one)."
+    )
+
+
+def init_from_pooler(ramp: torch.nn.Module, encoder: torch.nn.Module) -> bool:
+    """Start an off-ramp's pooler (dense + tanh) from the encoder's pre-trained pooler, as DeeBERT's last
+    layer uses BERT's own; False when the encoder has none of that shape."""
+    pooler = getattr(getattr(encoder, "pooler", None), "dense", None)
+    if not isinstance(pooler, torch.nn.Linear) or pooler.weight.shape != ramp.dense.weight.shape:
+        return False
+    with torch.no_grad():
+        ramp.dense.weight.copy_(pooler.weight)
+        ramp.dense.bias.copy_(pooler.bias)
+    return True
+
+
 @TRAINING_METHODS.register("deebert")
 class DeeBERTMethod(_FineTuning):
     """Two-stage fine-tuning: the encoder with the last off-ramp, then the other off-ramps on it."""
 
     name = "deebert"
+    config_class = DeeBERTConfig
 
     def train(self, job: TrainingJob) -> Trained:
         heads, encoder, tok, common = self._setup(job)
         cfg, train = self.options, job.data.splits["train"]
+        if getattr(cfg, "encoder_pooler", False):
+            init_from_pooler(heads.ramps[-1], encoder)
         folder = job.out / "checkpoint-deebert-stage1"
         history = {
             "stage 1": train_encoder_with_offramps(

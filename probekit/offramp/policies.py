@@ -25,8 +25,10 @@ running layers once a sample exits. The last layer always exits.
 PonderNet objective (Banino et al., 2021; PALBERT, Balagansky & Gavrilov, 2022):
 ``sum_i p(i|x) loss_i + beta * KL(p(.|x) || geometric(lambda_p))`` with
 ``p(i|x) = lambda_i prod_{j<i} (1 - lambda_j)`` and the last layer taking the remaining mass
-(the prior is truncated to L layers and normalised the same way). Here the off-ramps are
-fixed: the halting layers are fitted post hoc on the recorded outputs of a held-out split.
+(the prior is truncated to L layers and normalised the same way). Fitted post hoc, the off-ramps are
+fixed and the halting layers learn on the recorded outputs of a held-out split; the ``pondernet`` and
+``palbert`` training methods (:mod:`probekit.offramp.exit_methods`) train them with the encoder instead,
+and these policies then use the trained module (:meth:`Policy.adopt`), as ``lte`` uses BERxiT's.
 
 h_i is layer i's first-token state, standardised per layer with the held-out split's
 statistics.
@@ -65,9 +67,9 @@ class PolicyConfig(Config):
     epochs: int = option(40, "Learned policies: training epochs.", ge=1, cli=False)
     lr: float = option(5e-3, "Learned policies: Adam learning rate.", gt=0, cli=False)
     batch_size: int = option(256, "Learned policies: batch size.", ge=1, cli=False)
-    beta: float = option(0.5, "PonderNet/PALBERT: weight of the KL to the geometric prior.", ge=0)
-    prior_lambda: float = option(0.1, "PALBERT (qexit): lambda_p of the geometric prior.", gt=0, le=1)
-    mlp_hidden: int = option(128, "PALBERT (qexit): width of the lambda MLP.", ge=1)
+    beta: float = option(0.5, "Post-hoc pondernet/qexit policies: weight of the KL to the geometric prior.", ge=0)
+    prior_lambda: float = option(0.1, "Post-hoc qexit policy: lambda_p of the geometric prior.", gt=0, le=1)
+    mlp_hidden: int = option(128, "Post-hoc qexit policy: width of the lambda MLP.", ge=1)
     tolerance: float = option(0.1, "Patience on regression: consecutive predictions closer than this agree.", ge=0)
     seed: int = option(0, "Seed of the learned policies' training (the run's seed overrides it).", ge=0, cli=False)
 
@@ -123,6 +125,14 @@ class Standardize(nn.Module):
         h = torch.as_tensor(np.asarray(hidden, dtype=np.float32))
         self.register_buffer("mean", h.mean(0))
         self.register_buffer("std", h.std(0).clamp_min(1e-4))
+
+    @classmethod
+    def identity(cls, n_states: int, dim: int) -> Standardize:
+        """No standardisation (a module trained with the encoder reads its states as they are)."""
+        norm = cls(np.zeros((2, n_states, dim), np.float32))
+        norm.mean.zero_()
+        norm.std.fill_(1.0)
+        return norm
 
     def forward(self, h: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         if layer is None:  # all layers at once: [N, L+1, D]
@@ -213,6 +223,11 @@ class Policy:
 
     def thresholds(self) -> list[float]:
         raise NotImplementedError
+
+    def adopt(self, rec: Record, components: dict[str, Any]) -> bool:
+        """Use a module the training method trained (``components``: ``lte``, ``halting``) instead of
+        fitting one post hoc; False when this policy has none to use (then :meth:`fit` fits it)."""
+        return False
 
     def start(self, n: int, device: torch.device | str = "cpu", seed: int = 0) -> State:
         """Fresh per-sample state for a batch of ``n``."""
@@ -334,6 +349,14 @@ class LTEPolicy(Policy):
         )
         return self
 
+    def adopt(self, rec: Record, components: dict[str, Any]) -> bool:
+        if "lte" not in components:
+            return False
+        Policy.fit(self, rec)
+        self.norm_ = Standardize.identity(rec.hidden.shape[1], rec.hidden.shape[2])
+        self.net_ = components["lte"].net
+        return True
+
     def step(
         self, state: State, layer: int, output: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor, threshold: float
     ) -> torch.Tensor:
@@ -352,7 +375,18 @@ class PonderNetPolicy(Policy):
     stochastic = True
 
     def thresholds(self) -> list[float]:
+        if getattr(self, "halting_", None) is not None:
+            return [self.halting_prior_]
         return [0.05, 0.1, 0.2, 0.4, 0.8]
+
+    def adopt(self, rec: Record, components: dict[str, Any]) -> bool:
+        """The halting layer the method trained (with the prior it was trained under: the one threshold)."""
+        if "halting" not in components:
+            return False
+        Policy.fit(self, rec)
+        self.halting_ = components["halting"]
+        self.halting_prior_ = float(components["prior_lambda"])
+        return True
 
     def _make(self, dim: int) -> nn.Module:
         return _zero_linear(dim)
@@ -362,6 +396,8 @@ class PonderNetPolicy(Policy):
         return torch.sigmoid(net(x[:, 1:])[..., 0])
 
     def _lambda_step(self, net: nn.Module, layer: int, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "halting_", None) is not None:
+            return self.halting_.step(hidden, prev)
         return torch.sigmoid(net(self.norm_(hidden, layer))[:, 0])
 
     def _fit_one(self, rec: Record, prior_lambda: float, progress: bool) -> nn.Module:
@@ -389,11 +425,16 @@ class PonderNetPolicy(Policy):
     def lambdas(self, hidden: np.ndarray, threshold: float) -> torch.Tensor:
         """Halting probabilities [N, L] for first-token states of layers 0..L (last layer set to 1)."""
         with torch.no_grad():
-            lam = self._lambdas(self._net(threshold), self.norm_(torch.as_tensor(hidden)))
+            if getattr(self, "halting_", None) is not None:
+                lam = self.halting_(torch.as_tensor(hidden))
+            else:
+                lam = self._lambdas(self._net(threshold), self.norm_(torch.as_tensor(hidden)))
         lam[:, -1] = 1.0
         return lam
 
     def _net(self, threshold: float) -> nn.Module:
+        if getattr(self, "halting_", None) is not None:
+            return self.halting_
         return self.nets_[float(threshold)]
 
     def start(self, n: int, device: torch.device | str = "cpu", seed: int = 0) -> State:
@@ -410,6 +451,8 @@ class PonderNetPolicy(Policy):
         return draw < lam
 
     def state_dict(self) -> dict[str, Any]:
+        if getattr(self, "halting_", None) is not None:
+            return {"halting": self.halting_.state_dict()}
         return {"norm": self.norm_.state_dict(), "nets": {str(k): v.state_dict() for k, v in self.nets_.items()}}
 
 
@@ -431,6 +474,8 @@ class QExitPolicy(PonderNetPolicy):
         return torch.sigmoid(net(torch.cat([x[:, 1:], x[:, :-1]], dim=-1))[..., 0])
 
     def _lambda_step(self, net: nn.Module, layer: int, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "halting_", None) is not None:
+            return self.halting_.step(hidden, prev)
         x = torch.cat([self.norm_(hidden, layer), self.norm_(prev, layer - 1)], dim=-1)
         return torch.sigmoid(net(x)[:, 0])
 
@@ -441,7 +486,7 @@ class QExitPolicy(PonderNetPolicy):
         return self
 
     def _net(self, threshold: float) -> nn.Module:
-        return self.net_
+        return self.halting_ if getattr(self, "halting_", None) is not None else self.net_
 
     def start(self, n: int, device: torch.device | str = "cpu", seed: int = 0) -> State:
         return {"survive": torch.ones(n, device=device), "cdf": torch.zeros(n, device=device)}
@@ -449,7 +494,7 @@ class QExitPolicy(PonderNetPolicy):
     def step(
         self, state: State, layer: int, output: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor, threshold: float
     ) -> torch.Tensor:
-        lam = self._lambda_step(self.net_, layer, hidden, prev)
+        lam = self._lambda_step(self._net(threshold), layer, hidden, prev)
         if layer == self.n_layers_:
             lam = torch.ones_like(lam)
         state["cdf"] = state["cdf"] + lam * state["survive"]
@@ -457,6 +502,8 @@ class QExitPolicy(PonderNetPolicy):
         return state["cdf"] >= threshold
 
     def state_dict(self) -> dict[str, Any]:
+        if getattr(self, "halting_", None) is not None:
+            return {"halting": self.halting_.state_dict()}
         return {"norm": self.norm_.state_dict(), "net": self.net_.state_dict()}
 
 

@@ -79,6 +79,15 @@ class OffRampConfig(Config):
     unseen_labels: str = option(
         "error", "Dev labels never seen in train: error or drop.", choices=("error", "drop"), cli=False
     )
+    policy_fit: str = option(
+        "trained",
+        "Learned policies: trained (use the LTE / halting layer the method trained, post hoc where it trained "
+        "none) or post-hoc (always fit on the held-out outputs).",
+        choices=("trained", "post-hoc"),
+    )
+    choose_tolerance: float = option(
+        0.01, "Chosen threshold: the largest saving within this of the full model's held-out score.", ge=0
+    )
 
 
 @dataclass(frozen=True)
@@ -88,15 +97,23 @@ class MeasureConfig(Config):
     component: ClassVar[str] = "the early-exit timing"
 
     measure: bool = option(True, "Time real early exit against full inference.")
-    measure_n: int | None = option(None, "Time on the first N dev examples (default all).", ge=1)
-    measure_points: int | None = option(5, "Thresholds timed per policy (spread over savings).", ge=1)
+    time_n: int | None = option(300, "Time on the first N dev examples (none: all; each threshold runs twice).", ge=1)
+    time_thresholds: int | None = option(5, "Thresholds timed per policy, spread over the savings (none: all).", ge=1)
     measure_batch_size: int = option(32, "Batch size of the batched timing mode.", ge=1)
     measure_threads: int | None = option(1, "CPU threads while timing (0 = torch's default).", ge=0)
     measure_repeats: int = option(1, "Timing repeats (best of).", ge=1)
+    time_policies: str = option(
+        "all", "Policies timed: all, native (the training method's own: PABEE's patience, ...) or a list."
+    )
 
 
-ALIASES = {"policy_names": "policies", "method": "mode"}
-"""Keyword names of earlier versions (``policy_names``) and the next issue's (``method``)."""
+ALIASES = {
+    "policy_names": "policies",
+    "method": "mode",
+    "measure_n": "time_n",
+    "measure_points": "time_thresholds",
+}
+"""Keyword names of earlier versions (``policy_names``, ``measure_n``, ``measure_points``) and ``method``."""
 
 
 def option_sources() -> list[tuple[str, type[Config]]]:
@@ -272,15 +289,22 @@ def _run(
 
     t0 = time.perf_counter()
     fitted: dict[str, Policy] = {}
+    adopted: list[str] = []
     for pname in names:
         cls = EXIT_POLICIES.get(pname)
         pol = cls(pcfg[cls.config_class])
-        fitted[pname] = pol.fit(held if pol.learned else dev, progress=progress)  # type: ignore[arg-type]
+        if cfg.policy_fit == "trained" and pol.adopt(dev, trained.components):
+            fitted[pname] = pol
+            adopted.append(pname)
+        else:
+            fitted[pname] = pol.fit(held if pol.learned else dev, progress=progress)  # type: ignore[arg-type]
     sweeps = {pname: policies.sweep(pol, dev, metric_names, seed=seed) for pname, pol in fitted.items()}
+    chosen = _choose_thresholds(fitted, held, metric_names[0], cfg.choose_tolerance, seed)
     timings["policies"] = time.perf_counter() - t0
 
     timed: dict[str, dict[str, Any]] = {}
     if tcfg.measure:
+        to_time = _timed_policies(tcfg.time_policies, list(fitted), method.exit_policies, regression)
         t0 = time.perf_counter()
         with cpu_threads(tcfg.measure_threads or None):
             timed = _measure_all(
@@ -288,16 +312,17 @@ def _run(
                 encoder,
                 heads,
                 data.splits["dev"],
-                fitted,
-                sweeps,
+                {k: v for k, v in fitted.items() if k in to_time},
+                {k: v for k, v in sweeps.items() if k in to_time},
                 dev,
                 max_length,
-                tcfg.measure_n,
+                tcfg.time_n,
                 tcfg.measure_batch_size,
-                tcfg.measure_points,
+                tcfg.time_thresholds,
                 seed,
                 progress,
                 tcfg.measure_repeats,
+                chosen,
             )
         timings["measure"] = time.perf_counter() - t0
 
@@ -311,8 +336,11 @@ def _run(
         "holdout": cfg.holdout,
         "measure_batch_size": tcfg.measure_batch_size,
         "measure_threads": tcfg.measure_threads or None,
-        "measure_n": tcfg.measure_n,
-        "measure_points": tcfg.measure_points,
+        "time_n": tcfg.time_n,
+        "time_thresholds": tcfg.time_thresholds,
+        "time_policies": tcfg.time_policies,
+        "policy_fit": cfg.policy_fit,
+        "trained_policies": sorted(adopted),
         "measure_repeats": tcfg.measure_repeats,
         "threads": torch.get_num_threads(),
         "device": str(backbone.device),
@@ -330,7 +358,8 @@ def _run(
         "data_sha256": full.sha256,
         "settings": json.dumps(settings, sort_keys=True),
     }
-    rows = layer_rows(base, dev, metric_names) + _policy_rows(base, dev, sweeps, timed, n_layers)
+    native = set(method.exit_policies)
+    rows = layer_rows(base, dev, metric_names) + _policy_rows(base, dev, sweeps, timed, n_layers, chosen, native)
     df = tidy(rows)
     save_results(df, out)
     paths = _save_artifacts(out, heads, fitted, dev, full, settings, trained.history, timings, started)
@@ -358,8 +387,48 @@ def _run(
     )
 
 
-def timing_points(points: Sequence[SweepPoint], k: int | None, n_layers: int) -> list[SweepPoint]:
-    """Up to ``k`` thresholds of a sweep with distinct exits, spread over the range of expected savings."""
+def _timed_policies(spec: str, names: list[str], native: Sequence[str], regression: bool) -> list[str]:
+    """The policies to time: ``all``, ``native`` (the method's own) or a comma-separated list."""
+    if spec == "all":
+        return names
+    wanted = list(native) if spec == "native" else policies.parse_policies(spec, regression)
+    return [n for n in names if n in wanted]
+
+
+def _choose_thresholds(
+    fitted: Mapping[str, Policy], held: Record | None, metric: str, tolerance: float, seed: int
+) -> dict[str, float]:
+    """Each policy's threshold chosen on the held-out split (never on dev, which is reported): the largest
+    expected saving whose held-out ``metric`` is within ``tolerance`` of the last off-ramp's there (the
+    highest-scoring threshold when none is). Empty without a held-out split."""
+    if held is None or not len(held):
+        return {}
+    full = M.score([metric], held.labels, held.predictions()[:, -1])[metric]
+    out = {}
+    for pname, pol in fitted.items():
+        points = policies.sweep(pol, held, [metric], seed=seed)
+        ok = [p for p in points if p.scores[metric] >= full - tolerance]
+        pick = (
+            max(ok, key=lambda p: (p.expected_saving(held.n_layers), p.scores[metric]))
+            if ok
+            else max(points, key=lambda p: (p.scores[metric], p.expected_saving(held.n_layers)))
+        )
+        out[pname] = pick.threshold
+    return out
+
+
+def timing_points(
+    points: Sequence[SweepPoint], k: int | None, n_layers: int, must: float | None = None
+) -> list[SweepPoint]:
+    """Up to ``k`` thresholds of a sweep with distinct exits, spread over the range of expected savings
+    (plus the threshold ``must``, the chosen one, when given)."""
+    picked = _spread(points, k, n_layers)
+    if must is not None and all(p.threshold != must for p in picked):
+        picked += [p for p in points if p.threshold == must]
+    return picked
+
+
+def _spread(points: Sequence[SweepPoint], k: int | None, n_layers: int) -> list[SweepPoint]:
     distinct: dict[bytes, SweepPoint] = {}
     for p in points:
         distinct.setdefault(p.exit_layers.tobytes(), p)
@@ -384,8 +453,10 @@ def _measure_all(
     seed: int,
     progress: bool,
     repeats: int = 1,
+    must: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Time chosen thresholds of each policy, batch size 1 and batched, against full inference."""
+    """Time chosen thresholds of each policy, batch size 1 and batched, against full inference (``must``:
+    the thresholds chosen on the held-out split, always timed)."""
     n = len(dev_split) if measure_n is None else min(measure_n, len(dev_split))
     tok = tokenize(
         backbone.tokenizer,
@@ -397,7 +468,10 @@ def _measure_all(
     dev_n = dev.subset(np.arange(n))
     args = {"device": backbone.device, "seed": seed, "repeats": repeats}
     inference.warm_up(encoder, heads, tok, pad_id, (1, batch_size), device=backbone.device)
-    chosen = {pname: timing_points(points, points_per_policy, dev.n_layers) for pname, points in sweeps.items()}
+    chosen = {
+        pname: timing_points(points, points_per_policy, dev.n_layers, (must or {}).get(pname))
+        for pname, points in sweeps.items()
+    }
     bar = tqdm(
         total=sum(map(len, chosen.values())),
         desc="timing early exit",
@@ -436,14 +510,20 @@ def _policy_rows(
     sweeps: dict[str, list[SweepPoint]],
     timed: dict[str, dict[str, Any]],
     n_layers: int,
+    chosen: Mapping[str, float] | None = None,
+    native: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Exit-policy rows: per policy and threshold, the metric(s) (no single layer) and the exit histogram
-    (``metric="exit_fraction"``, ``layer`` the exit layer)."""
+    (``metric="exit_fraction"``, ``layer`` the exit layer); ``chosen`` marks the threshold chosen on the
+    held-out split (:func:`_choose_thresholds`), ``native`` the training method's own policies."""
     rows: list[dict[str, Any]] = []
+    chosen = chosen or {}
     for pname, points in sweeps.items():
         for p in points:
             extra = {
                 "policy": pname,
+                "chosen": pname in chosen and chosen[pname] == p.threshold,
+                "native": pname in (native or set()),
                 "threshold": p.threshold,
                 "threshold_name": p.threshold_name,
                 "mean_exit_layer": p.mean_exit_layer,

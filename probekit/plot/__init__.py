@@ -20,6 +20,7 @@ from probekit.plot.finetune import finetune_epochs
 from probekit.plot.mlm import mlm_curves
 from probekit.plot.offramp import (
     exit_histograms,
+    methods_vs_saving,
     offramp_curves,
     quality_vs_saving,
     save_figures,
@@ -55,6 +56,7 @@ __all__ = [
     "finetune_epochs",
     "finetune_grid",
     "heatmap",
+    "methods_vs_saving",
     "metric_label",
     "mlm_curves",
     "model_colours",

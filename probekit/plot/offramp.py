@@ -180,8 +180,62 @@ def saving_calibration(results: pd.DataFrame) -> Figure:
     return fig
 
 
+@_styled
+def methods_vs_saving(results: pd.DataFrame, *, saving: str = "expected_saving", col_wrap: int = 3) -> Figure:
+    """Quality against compute saving for every training method on one figure (one panel per model and task):
+    each method with its paper's exit policy over its thresholds, mean over seeds with +-1 s.d. error bars;
+    the ring marks the threshold chosen on the held-out split, the dashed line each method's full model."""
+    rows = _policy_rows(results)
+    rows = rows[rows["metric"] != "exit_fraction"].dropna(subset=[saving])
+    if "native" in rows:
+        rows = rows[rows["native"].fillna(False).astype(bool)]
+    if rows.empty:
+        raise ProbekitError(f"no exit-policy rows of the methods' own policies with {saving}")
+    metric_order = [m for m in ("acc", "mcc", "f1", "pearson", "spearman") if (rows["metric"] == m).any()]
+    metric = metric_order[0] if metric_order else str(rows["metric"].iloc[0])
+    rows = rows[rows["metric"] == metric]
+    panels = list(dict.fromkeys(map(tuple, rows[["model", "task"]].to_numpy())))
+    modes = list(dict.fromkeys(map(tuple, rows[["mode", "policy"]].to_numpy())))
+    colours = model_colours(modes)
+    fig, axes, _ = _panels(len(panels), col_wrap, 3.8, 3.0)
+    for ax, (model, task) in zip(axes, panels, strict=True):
+        one = rows[(rows["model"] == model) & (rows["task"] == task)]
+        for (mode, _policy), line in one.groupby(["mode", "policy"], sort=False):
+            agg = line.groupby("threshold")[[saving, "value"]].agg(["mean", "std"]).sort_values((saving, "mean"))
+            ax.errorbar(
+                agg[(saving, "mean")],
+                agg[("value", "mean")],
+                yerr=agg[("value", "std")].fillna(0.0),
+                marker="o",
+                markersize=3.5,
+                linewidth=1.5,
+                capsize=2,
+                color=colours[(mode, _policy)],
+                label=f"{mode} ({_policy})",
+            )
+            if "chosen" in line:
+                pick = line[line["chosen"].fillna(False).astype(bool)]
+                if len(pick):
+                    ax.scatter(
+                        [pick[saving].mean()],
+                        [pick["value"].mean()],
+                        s=70,
+                        facecolors="none",
+                        edgecolors=colours[(mode, _policy)],
+                        linewidths=1.5,
+                    )
+        ax.set_title(f"{model} / {task}")
+        ax.set_xlabel("expected compute saving" if saving == "expected_saving" else "measured compute saving")
+        ax.set_ylabel(metric)
+        ax.xaxis.set_major_formatter(mpl.ticker.PercentFormatter(1.0, decimals=0))
+        ax.legend(frameon=False, fontsize=7, loc="lower left")
+    fig.suptitle("Early-exit methods: quality against compute saving (ring: threshold chosen on held-out)")
+    return fig
+
+
 def save_figures(results: pd.DataFrame, out: str | Path, stem: str = "offramp", dpi: int = 130) -> list[Path]:
-    """Write ``out/<stem>_{layers,tradeoff,exits[,savings]}.png`` from an off-ramp results table."""
+    """Write ``out/<stem>_{layers,tradeoff,exits[,savings][,methods]}.png`` from an off-ramp results table
+    (``methods``: the comparison of several training methods)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Callable[[pd.DataFrame], Figure]] = {
@@ -191,6 +245,8 @@ def save_figures(results: pd.DataFrame, out: str | Path, stem: str = "offramp", 
     }
     if "measured_saving" in results and results["measured_saving"].notna().any():
         figures["savings"] = saving_calibration
+    if results["mode"].nunique() > 1:
+        figures["methods"] = methods_vs_saving
     paths = []
     for name, draw in figures.items():
         fig = draw(results)

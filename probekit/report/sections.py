@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from probekit import analysis, plot
+from probekit.offramp.compare import comparison_table, offramp_peaks
 from probekit.paths import slug
 from probekit.report.base import Context, FigureItem, Section, TableItem, describe, section
 
@@ -159,6 +160,7 @@ def convexity(results: pd.DataFrame, ctx: Context) -> Section | None:
     return Section(
         "Convexity: peak layer and drop to the last layer",
         [
+            *_offramp_layer_items(results, ctx),
             TableItem(
                 "convexity",
                 table,
@@ -169,12 +171,35 @@ def convexity(results: pd.DataFrame, ctx: Context) -> Section | None:
                 display=display,
                 highlight=table["significant"].fillna(False).astype(bool),
                 max_rows=200,
-            )
+            ),
         ],
         intro=f"{convex} of {len(table)} curves peak before the last layer; for {real} the drop is larger than "
         "its uncertainty (highlighted).",
         summary=summary,
     )
+
+
+def _offramp_layer_items(results: pd.DataFrame, ctx: Context) -> list[FigureItem | TableItem]:
+    """Beside the probing curves: each training method's off-ramp score at every exit layer, and its peak."""
+    ramps = ctx.sources("offramp")
+    if ramps.empty:
+        return []
+    peaks = offramp_peaks(results)
+    return [
+        FigureItem(
+            "offramp-layer-curves",
+            plot.offramp_curves(results),
+            "Off-ramp accuracy curves: the task score when every example exits at a layer, per training method "
+            f"(the off-ramps' counterpart of the probing curves); {describe(ramps)}.",
+        ),
+        TableItem(
+            "offramp-peaks",
+            peaks,
+            "Per training method: the off-ramp layer that scores best, its score, the last layer's and the drop.",
+            display=peaks.round(4),
+            max_rows=60,
+        ),
+    ]
 
 
 def _markdown_peaks(table: pd.DataFrame) -> str:
@@ -313,6 +338,28 @@ def offramp(results: pd.DataFrame, ctx: Context) -> Section | None:
                 plot.quality_vs_saving(results),
                 "Quality against expected compute saving for every exit policy over its thresholds "
                 f"(dashed: full model); {describe(quality)}.",
+            )
+        )
+    if len(quality) and quality["mode"].nunique() > 1:
+        items.append(
+            FigureItem(
+                "methods-vs-saving",
+                plot.methods_vs_saving(results),
+                "Every training method with its own exit policy: quality against expected compute saving, mean "
+                "over seeds with +-1 s.d.; the ring is the threshold chosen on the held-out split; "
+                f"{describe(quality)}.",
+            )
+        )
+        table = comparison_table(results, native_only=True)
+        items.append(
+            TableItem(
+                "offramp-comparison",
+                table,
+                "The comparison table (PALBERT's): per task and method, the dev score at the threshold chosen on "
+                "the held-out split and the expected and measured (batch size 1) speed-ups, mean and s.d. over "
+                "seeds; plain fine-tuning is DeeBERT's stage 1.",
+                display=table.round(4),
+                max_rows=60,
             )
         )
     if len(policy) and (policy["metric"] == "exit_fraction").any():

@@ -13,9 +13,11 @@ from probekit.config import Config, option
 from probekit.mlm import MLMConfig, mlm_probe
 from probekit.mlm.runner import MLMRunConfig
 from probekit.offramp import run_offramp
+from probekit.offramp.compare import comparison_table, write_comparison
 from probekit.offramp.methods import TRAINING_METHODS
 from probekit.offramp.run import option_sources
 from probekit.paths import slug
+from probekit.results import load_results
 from probekit.suite.base import STEPS, SuiteRun, SuiteStep
 from probekit.suite.file import Suite, check_tasks
 from probekit.suite.steps import _data_identity, _identity
@@ -81,7 +83,9 @@ def _corpus_path(suite: Suite, corpus: str) -> str:
 class OffRampTable(Config):
     component = "[offramp]"
     tasks: tuple[str, ...] = option(help="GLUE tasks (or task files) to train off-ramps on.")
-    modes: tuple[str, ...] = option(("frozen",), "Training methods, e.g. frozen, deebert, joint.")
+    modes: tuple[str, ...] = option(
+        ("frozen",), "Training methods, e.g. frozen, deebert, pabee, berxit, palbert (several: the comparison table)."
+    )
     policies: str = option("all", "Comma-separated exit policies (or all).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
 
@@ -110,8 +114,12 @@ class OffRampStep(SuiteStep):
     def run(self, run: SuiteRun) -> None:
         s, cfg = run.suite, self.config
         for task in cfg.tasks:  # type: ignore[attr-defined]
-            for mode in cfg.modes:  # type: ignore[attr-defined]
-                self._one(run, s, task, TRAINING_METHODS.canonical(mode))
+            modes = [TRAINING_METHODS.canonical(mode) for mode in cfg.modes]  # type: ignore[attr-defined]
+            for mode in modes:
+                self._one(run, s, task, mode)
+            if len(modes) > 1:  # the comparison table of the methods, beside their folders
+                folder = s.out / "offramp" / slug(task)
+                write_comparison(comparison_table(load_results([folder / m for m in modes])), folder)
 
     def _one(self, run: SuiteRun, s: Suite, task: str, mode: str) -> None:
         cfg = self.config
