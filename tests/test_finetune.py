@@ -40,6 +40,22 @@ def write_cola(root: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) ->
     return root
 
 
+def write_rte(root: Path, n_train: int = 48, n_dev: int = 16, seed: int = 0) -> Path:
+    """An RTE-format pair task a tiny model can learn: the second sentence repeats the first's words (entailment)
+    or uses the other word list (not_entailment)."""
+    rng = random.Random(seed)
+    folder = root / "glue" / "RTE"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = ["index\tsentence1\tsentence2\tlabel\n"]
+        for i in range(n):
+            a = sentence(rng, POS)
+            b = sentence(rng, POS) if i % 2 else sentence(rng, NEG)
+            rows.append(f"{i}\t{a}\t{b}\t{'entailment' if i % 2 else 'not_entailment'}\n")
+        (folder / name).write_text("".join(rows), encoding="utf-8")
+    return root
+
+
 def write_stsb(root: Path, n: int = 24, seed: int = 0) -> Path:
     rng = random.Random(seed)
     folder = root / "glue" / "STS-B"
