@@ -177,9 +177,7 @@ def test_embed_then_concat_embeds_each_sentence_alone(tiny_model: Path, data: Pa
     t = typed.collate(range(4))
     na = len(tok(split.texts[0])["input_ids"])
     assert t["token_type_ids"][0, :na].sum() == 0 and t["token_type_ids"][0, na:].max() == 1
-    run = finetune(
-        tiny_model, "rte", tmp_path, seeds=1, grid=GRID, variants="embed-then-concat", data_dir=data, **FAST
-    )
+    run = finetune(tiny_model, "rte", tmp_path, seeds=1, grid=GRID, variants="embed-then-concat", data_dir=data, **FAST)
     assert AutoModel.from_pretrained(run.seeds[0].path).config.num_hidden_layers == 2
 
 

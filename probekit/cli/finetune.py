@@ -14,7 +14,10 @@ from probekit.config import split_options
 from probekit.finetune import JobOptions, option_sources, variant_order
 from probekit.finetune import finetune as run_finetune
 
-_VARIANT_HELP = f"Fine-tuning variant ({', '.join(variant_order())}, or all); repeat."
+_VARIANT_HELP = (
+    f"Fine-tuning variant ({', '.join(variant_order())}, or all); repeat for several runs; "
+    "a+b composes variants in one run (e.g. smart+siamese)."
+)
 
 
 @app.command()

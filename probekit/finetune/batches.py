@@ -77,7 +77,10 @@ class SidesDataset(TextDataset):
             batch = {**first, **{PAIR_PREFIX + k: v for k, v in second.items()}}
             batch["labels"] = _labels(self.labels[idx])
             return batch
-        return {**concatenated(self.tok, self.b, idx, self.pad_id, self.second_type), "labels": _labels(self.labels[idx])}
+        return {
+            **concatenated(self.tok, self.b, idx, self.pad_id, self.second_type),
+            "labels": _labels(self.labels[idx]),
+        }
 
 
 def concatenated(

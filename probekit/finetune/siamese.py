@@ -127,7 +127,13 @@ class Siamese(Variant):
 
     def notes(self, model: nn.Module) -> dict[str, Any]:
         if isinstance(model, SiameseModel):
-            return {"siamese": {"positive_label": model.positive, "pool": self.siamese_pool, "dev_threshold": "cross-fitted"}}
+            return {
+                "siamese": {
+                    "positive_label": model.positive,
+                    "pool": self.siamese_pool,
+                    "dev_threshold": "cross-fitted",
+                }
+            }
         return {}
 
 

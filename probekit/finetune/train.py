@@ -684,6 +684,7 @@ def finetune(
     data_dir: str | Path | None = None,
     threads: int | None = None,
     fresh: bool = False,
+    strict: bool = True,
     **options: Any,
 ) -> Run:
     """What ``probekit finetune`` runs: fine-tune ``model`` on each task, variant and seed; best
@@ -696,7 +697,9 @@ def finetune(
     and of the named variants (``copy_from``, ``drop``, ``mlm_weight``, ``mlm_warmup``...). Finished
     seeds and runs with the same fingerprint are reused, interrupted ones resume; other settings are
     refused unless ``fresh``. ``threads``: CPU threads for torch while it runs (on a busy CPU, 1 is
-    often much faster than oversubscribing the cores).
+    often much faster than oversubscribing the cores). A variant that does not apply to a task (a pair
+    architecture on a one-sentence task) is skipped with a warning, or refused when it is the only
+    task x variant asked for (with ``strict=False``, as a suite runs it, always skipped).
 
     Returns a :class:`~probekit.runs.Run`: ``results`` the tidy rows of these tasks, variants and
     seeds; ``seeds`` the :class:`SeedResult` list; ``comparison`` the comparison table.
@@ -722,7 +725,7 @@ def finetune(
     out = Path(out)
     claim_output(out, "out", force=fresh, force_param="fresh")
     with cpu_threads(threads or None):
-        results = _finetune_all(source, task_list, variant_list, seed_list, out, opts, data_dir, fresh)
+        results = _finetune_all(source, task_list, variant_list, seed_list, out, opts, data_dir, fresh, strict)
     table = write_comparison(out)
     rows = [r for res in results for r in seed_rows(res.metrics)]
     paths = {"out": out, "results": write_results(out, rows), "comparison": out / "comparison.csv"}
@@ -743,6 +746,7 @@ def _finetune_all(
     options: TrainOptions,
     data_dir: str | Path | None,
     fresh: bool,
+    strict: bool = True,
 ) -> list[SeedResult]:
     results: list[SeedResult] = []
     tokenizer = None
@@ -752,7 +756,7 @@ def _finetune_all(
         for variant in variant_list:
             reason = variant.applies(data)
             if reason is not None:
-                if len(task_list) * len(variant_list) == 1:
+                if strict and len(task_list) * len(variant_list) == 1:
                     raise ParamError("variant", reason)
                 warnings.warn(f"skipped: {reason}", ProbekitWarning, stacklevel=2)
                 continue

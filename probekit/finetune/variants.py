@@ -309,8 +309,10 @@ class Composed(Variant):
             if len(found) > 1:
                 raise VariantError("variant", f"{{variant}} {'+'.join(names)}: {' and '.join(found)} do not compose")
         if any(p.role == "objective" for p in self.parts) and any(p.needs_special_tokens for p in self.parts):
-            raise VariantError("variant", f"{{variant}} {'+'.join(names)}: a loss wrapper does not compose with a "
-                               "variant that splits the batch")
+            raise VariantError(
+                "variant",
+                f"{{variant}} {'+'.join(names)}: a loss wrapper does not compose with a variant that splits the batch",
+            )
         if any(isinstance(p, Plain) for p in self.parts):
             raise VariantError("variant", "{variant} plain composes with nothing (it is the encoder as it is)")
         for p in self.parts:
