@@ -196,7 +196,7 @@ def test_multi_objective_adds_an_mlm_loss_over_the_extra_layer(tiny_model: Path,
     model.train()
     torch.manual_seed(0)
     out = model(**batch)
-    mlm_rows, cls_rows = model.last_split
+    _, cls_rows = model.last_split
     plain = {k: v[cls_rows] for k, v in batch.items() if k != "special_tokens_mask"}
     torch.manual_seed(0)
     cls_loss = model.classifier(**plain).loss

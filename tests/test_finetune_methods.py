@@ -206,7 +206,7 @@ def test_multi_objective_splits_every_batch(tiny_model: Path, data: Path, tmp_pa
         m = run.seeds[0].metrics
         assert m["runs"][0]["mlm_head"].startswith("random")  # the tiny BertModel has no MLM head
         with safe_open(str(run.seeds[0].path / "model.safetensors"), framework="pt") as f:
-            keys = list(f.keys())  # noqa: SIM118 (no __iter__)
+            keys = list(f.keys())
         assert not any("extra" in k or "mlm" in k for k in keys)
         assert 1 + max(int(k.split(".")[3]) for k in keys if ".layer." in k) == 2
 

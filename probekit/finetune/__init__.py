@@ -19,6 +19,14 @@
 
 from __future__ import annotations
 
+from probekit.finetune.multi_objective import (
+    MultiObjective,
+    MultiObjectiveExtraLayer,
+    MultiObjectiveVariant,
+    pretrained_mlm_head,
+)
+from probekit.finetune.siamese import EmbedThenConcat, Siamese, SiameseModel
+from probekit.finetune.smart import Smart, SmartModel
 from probekit.finetune.table import comparison, seed_rows, write_comparison, write_results
 from probekit.finetune.train import (
     GRIDS,
@@ -30,14 +38,6 @@ from probekit.finetune.train import (
     finetune,
     option_sources,
 )
-from probekit.finetune.multi_objective import (
-    MultiObjective,
-    MultiObjectiveExtraLayer,
-    MultiObjectiveVariant,
-    pretrained_mlm_head,
-)
-from probekit.finetune.siamese import EmbedThenConcat, Siamese, SiameseModel
-from probekit.finetune.smart import Smart, SmartModel
 from probekit.finetune.variants import (
     VARIANTS,
     Composed,

@@ -56,7 +56,7 @@ def pretrained_mlm_head(source: str | Path) -> dict[str, torch.Tensor] | None:
     files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())  # noqa: SIM118 (no __iter__)
+            keys = set(f.keys())
             found = {}
             for name, candidates in HEAD_KEYS.items():
                 key = next((k for k in candidates if k in keys), None)
@@ -192,7 +192,7 @@ class MultiObjective(nn.Module):
     def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLM rows, classification rows) of a batch of ``n``: a random ``mlm_fraction`` of them (at least
         one of each when ``n`` > 1), drawn anew for every batch."""
-        k = min(max(int(round(self.variant.mlm_fraction * n)), 1), n - 1) if n > 1 else 0
+        k = min(max(round(self.variant.mlm_fraction * n), 1), n - 1) if n > 1 else 0
         perm = torch.randperm(n, generator=_generator(self.seed, self.calls, 5))
         return perm[:k].sort().values, perm[k:].sort().values
 

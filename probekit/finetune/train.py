@@ -53,8 +53,8 @@ from probekit.cpu import cpu_threads
 from probekit.data import Split, Task, TaskData, get_task, load_task
 from probekit.encoding import Tokenized, collate, tokenize
 from probekit.errors import ParamError, ProbekitError, ProbekitWarning
-from probekit.finetune.table import seed_rows, write_comparison, write_results
 from probekit.finetune.batches import TextDataset, collate_items
+from probekit.finetune.table import seed_rows, write_comparison, write_results
 from probekit.finetune.variants import (
     VARIANTS,
     Variant,
