@@ -11,14 +11,17 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-from sklearn.metrics import accuracy_score
+from sklearn.metrics import accuracy_score, matthews_corrcoef
 from transformers import AutoModel, BertForMaskedLM
+from typer.testing import CliRunner
 
 import probekit
+from probekit.cli import app
 from probekit.encoding import tokenize
 from probekit.errors import ParamError
-from probekit.finetune import Grid, MultiObjective, finetune, make_variant
+from probekit.finetune import Grid, MultiObjective, finetune, finetune_multitask, make_variant
 from probekit.finetune.batches import SidesDataset, TextDataset
+from probekit.finetune.multitask import epoch_plan
 from probekit.finetune.siamese import best_threshold, cross_fitted
 from probekit.finetune.smart import _rng_state, divergence, symmetric_kl
 from probekit.finetune.train import load_classifier, load_tokenizer
@@ -261,3 +264,49 @@ def test_optimizers_and_the_papers_checkpoint_rule(tiny_model: Path, data: Path,
     best = finetune(tiny_model, "cola", tmp_path / "best", grid=Grid((16,), (1e-2,), 4), **kw).seeds[0].metrics
     assert best["select"]["rule"] == "best-dev" and "train_mcc" not in best["runs"][0]["evals"][0]
     assert best["chosen"]["value"] == max(e["mcc"] for e in best["runs"][0]["evals"])
+
+
+# ---------------------------------------------------------------- multi-task
+
+
+def test_multitask_every_head_trains_and_each_task_is_scored_on_its_own_dev_set(
+    tiny_model: Path, data: Path, tmp_path: Path
+) -> None:
+    assert [t for t, _ in epoch_plan([48, 16], 16, "round-robin", 0, 0)] == [0, 1, 0, 1, 0, 1]
+    assert sorted(t for t, _ in epoch_plan([48, 16], 16, "proportional", 0, 0)) == [0, 0, 0, 1]
+    run = finetune_multitask(
+        tiny_model, ["cola", "rte"], tmp_path, seeds=1, grid=Grid((16,), (1e-3,), 2), data_dir=data, threads=1
+    )
+    [seed] = run.seeds
+    m = seed.metrics
+    r = m["runs"][0]
+    assert r["plan"] == {"cola": 6, "rte": 6} and r["batches_per_task"] == r["plan"]  # 3 rounds x 2 epochs
+    assert [e["epoch"] for e in r["evals"]] == [1.0, 2.0]
+    # by hand: the saved encoder and heads on each task's own dev set, scored with scikit-learn
+    enc = AutoModel.from_pretrained(seed.path).eval()
+    heads = load_file(str(seed.path / "heads.safetensors"))
+    tok = tiny_tokenizer()
+    for task, score in (("cola", matthews_corrcoef), ("rte", accuracy_score)):
+        dev = probekit.load_task(task, data).splits["dev"]
+        enc_in = tok(dev.texts, dev.text_pairs, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            pooled = enc(**enc_in).pooler_output
+        pred = (pooled @ heads[f"head.{task}.weight"].T + heads[f"head.{task}.bias"]).argmax(-1).numpy()
+        metric = m["tasks"][task]["metric"]
+        assert m["chosen"][f"{task}_{metric}"] == pytest.approx(score(dev.labels, pred), abs=1e-6)
+    rows = run.results
+    assert set(rows["finetune_task"]) == {"cola", "rte"} and set(rows["variant"]) == {"multitask"}
+    with pytest.raises(ParamError, match="two or more tasks"):
+        finetune_multitask(tiny_model, ["cola"], tmp_path / "x", data_dir=data)
+    again = finetune_multitask(
+        tiny_model, ["cola", "rte"], tmp_path, seeds=1, grid=Grid((16,), (1e-3,), 2), data_dir=data, threads=1
+    )
+    assert again.seeds[0].skipped
+    cli = CliRunner().invoke(
+        app,
+        ["finetune", "-m", str(tiny_model), "-o", str(tmp_path / "cli"), "--data-dir", str(data), "-t", "cola"]
+        + ["-t", "rte", "--multitask", "--task-sampling", "proportional", "--seeds", "1", "--grid", "quick"]
+        + ["--epochs", "1", "--max-train-samples", "16", "--threads", "1"],
+    )
+    assert cli.exit_code == 0, cli.output
+    assert "multi-task checkpoints" in cli.output and (tmp_path / "cli" / "multitask-cola+rte").is_dir()

@@ -25,6 +25,7 @@ from probekit.finetune.multi_objective import (
     MultiObjectiveVariant,
     pretrained_mlm_head,
 )
+from probekit.finetune.multitask import MultitaskModel, MultitaskOptions, finetune_multitask, multitask_rows
 from probekit.finetune.siamese import EmbedThenConcat, Siamese, SiameseModel
 from probekit.finetune.smart import Smart, SmartModel
 from probekit.finetune.table import comparison, seed_rows, write_comparison, write_results
@@ -68,6 +69,8 @@ __all__ = [
     "MultiObjective",
     "MultiObjectiveExtraLayer",
     "MultiObjectiveVariant",
+    "MultitaskModel",
+    "MultitaskOptions",
     "Plain",
     "SeedResult",
     "Siamese",
@@ -84,7 +87,9 @@ __all__ = [
     "drop_layers",
     "encoder_layers",
     "finetune",
+    "finetune_multitask",
     "make_variant",
+    "multitask_rows",
     "option_sources",
     "pretrained_mlm_head",
     "probed_variants",
