@@ -302,11 +302,10 @@ def test_multitask_every_head_trains_and_each_task_is_scored_on_its_own_dev_set(
         tiny_model, ["cola", "rte"], tmp_path, seeds=1, grid=Grid((16,), (1e-3,), 2), data_dir=data, threads=1
     )
     assert again.seeds[0].skipped
+    base = ["finetune", "-m", str(tiny_model), "-o", str(tmp_path / "cli"), "--data-dir", str(data)]
+    flags = ["-t", "cola", "-t", "rte", "--multitask", "--task-sampling", "proportional", "--seeds", "1"]
     cli = CliRunner().invoke(
-        app,
-        ["finetune", "-m", str(tiny_model), "-o", str(tmp_path / "cli"), "--data-dir", str(data), "-t", "cola"]
-        + ["-t", "rte", "--multitask", "--task-sampling", "proportional", "--seeds", "1", "--grid", "quick"]
-        + ["--epochs", "1", "--max-train-samples", "16", "--threads", "1"],
+        app, [*base, *flags, "--grid", "quick", "--epochs", "1", "--max-train-samples", "16", "--threads", "1"]
     )
     assert cli.exit_code == 0, cli.output
     assert "multi-task checkpoints" in cli.output and (tmp_path / "cli" / "multitask-cola+rte").is_dir()
