@@ -141,6 +141,14 @@ def test_siamese_towers_share_weights_cosine_by_hand_checkpoint_extracts(
         assert not any(k.startswith("classifier") for k in f.keys())  # noqa: SIM118 (no __iter__)
     [cache] = probekit.extract(best, [toy_senteval(tmp_path / "toy.txt")], tmp_path / "caches", progress=False)
     assert cache["train"].shape == (40, 3, 32)
+    # composed with SMART: the perturbation reaches both towers (two embedding calls per pass)
+    both = finetune(
+        tiny_model, "rte", tmp_path / "ft", seeds=1, grid=GRID, variants="smart+siamese", data_dir=data, **FAST
+    ).seeds[0]
+    assert both.variant == "smart+siamese" and AutoModel.from_pretrained(both.path).config.num_hidden_layers == 2
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(best).values(), _weights(both.path).values()))
+    with pytest.raises(ParamError, match="do not compose"):
+        make_variant("siamese+embed-then-concat")
     with pytest.raises(ParamError, match="siamese needs a sentence-pair task; cola"):
         finetune(tiny_model, "cola", tmp_path / "x", seeds=1, grid=GRID, variants="siamese", data_dir=data, **FAST)
 

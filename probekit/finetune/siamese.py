@@ -153,6 +153,11 @@ class SiameseModel(nn.Module):
     def config(self) -> Any:
         return self.encoder.config
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The shared encoder (where a loss wrapper such as SMART finds the embedding layer)."""
+        return self.encoder
+
     def embed(self, **inputs: torch.Tensor) -> torch.Tensor:
         """One tower: the pooled top layer of one sentence batch."""
         hidden = self.encoder(**inputs, return_dict=True).last_hidden_state
