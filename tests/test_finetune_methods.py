@@ -146,7 +146,9 @@ def test_siamese_towers_share_weights_cosine_by_hand_checkpoint_extracts(
         tiny_model, "rte", tmp_path / "ft", seeds=1, grid=GRID, variants="smart+siamese", data_dir=data, **FAST
     ).seeds[0]
     assert both.variant == "smart+siamese" and AutoModel.from_pretrained(both.path).config.num_hidden_layers == 2
-    assert not all(torch.equal(a, b) for a, b in zip(_weights(best).values(), _weights(both.path).values()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(_weights(best).values(), _weights(both.path).values(), strict=True)
+    )
     with pytest.raises(ParamError, match="do not compose"):
         make_variant("siamese+embed-then-concat")
     with pytest.raises(ParamError, match="siamese needs a sentence-pair task; cola"):

@@ -19,7 +19,7 @@ from tests.test_suite import SUITE, statuses, write_suite
 
 STUDY = SUITE.replace(
     '[compare]\nvariants = ["drop-layers"]\ndrop = 1',
-    '[compare]\nvariants = ["smart", "copy-layers", "drop-layers"]\ncopy_from = 1\ndrop = 1\nlambda_s = 3',
+    '[compare]\nvariants = ["smart", "siamese", "copy-layers", "drop-layers"]\ncopy_from = 1\ndrop = 1\nlambda_s = 3',
 )
 
 
@@ -32,6 +32,7 @@ def test_the_study_probes_every_method_and_reports_who_forgets_least(
     for model in ("tiny-cola-smart-l3-s0", "tiny-cola-copy-layers-k1-s0"):
         assert got[("extract", model)] == "ran" and got[("probe", model)] == "ran"
     assert ("extract", "tiny-cola-drop-layers-n1-s0") not in got  # fewer layers: the comparison table only
+    assert got[("compare", "cola/siamese")] == "skipped"  # a pair architecture: not for CoLA
     report = tmp_path / "reports" / "study"
     assert (report / "figures" / "forgetting.png").is_file()
     table = pd.read_csv(report / "forgetting.csv")

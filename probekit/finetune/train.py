@@ -728,7 +728,9 @@ def finetune(
         results = _finetune_all(source, task_list, variant_list, seed_list, out, opts, data_dir, fresh, strict)
     table = write_comparison(out)
     rows = [r for res in results for r in seed_rows(res.metrics)]
-    paths = {"out": out, "results": write_results(out, rows), "comparison": out / "comparison.csv"}
+    paths = {"out": out, "comparison": out / "comparison.csv"}
+    if rows:  # none when every asked-for variant was skipped as not applying to the tasks
+        paths["results"] = write_results(out, rows)
     return Run(
         results=tidy(rows) if rows else pd.DataFrame(),
         paths=paths,
