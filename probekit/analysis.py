@@ -361,3 +361,21 @@ def finetune_grid(deltas_table: pd.DataFrame, top: int | None = None) -> pd.Data
     keys = ["finetune_task", "task", "probe", "pool", "layer"]
     grid = d.groupby(keys, dropna=False).agg(delta=("delta", "mean"), models=("model", "nunique"))
     return grid.reset_index()
+
+
+def forgetting(deltas_table: pd.DataFrame, methods: Mapping[str, str]) -> pd.DataFrame:
+    """Which fine-tuning method forgets least: per method, fine-tuning task, probe, pooling and layer, the mean
+    absolute fine-tuned minus pre-trained delta over the probing tasks (and over the method's models of that
+    task, e.g. seeds). ``methods``: ``{model: method}``; models without one are left out. Columns: ``method``,
+    ``finetune_task``, ``probe``, ``pool``, ``layer``, ``mean_abs_delta``, ``mean_delta``, ``tasks``, ``models``.
+    """
+    d = deltas_table.assign(method=deltas_table["model"].map(dict(methods)))
+    d = d.dropna(subset=["method"]).assign(abs_delta=lambda x: x["delta"].abs())
+    keys = ["method", "finetune_task", "probe", "pool", "layer"]
+    out = d.groupby(keys, dropna=False, sort=False).agg(
+        mean_abs_delta=("abs_delta", "mean"),
+        mean_delta=("delta", "mean"),
+        tasks=("task", "nunique"),
+        models=("model", "nunique"),
+    )
+    return out.reset_index()

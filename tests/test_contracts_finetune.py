@@ -36,7 +36,7 @@ from probekit.fingerprint import STAMP
 from probekit.results import load_results, validate
 from tests.helpers import make_tiny_bert
 from tests.helpers_finetune import FreezeEmbeddings, registered
-from tests.test_finetune import write_cola
+from tests.test_finetune import write_cola, write_rte
 
 TINY_GRID = Grid((16,), (1e-3,), 1)
 FAST = {"max_steps": 2, "max_train_samples": 32, "max_dev_samples": 16, "threads": 1}
@@ -57,7 +57,12 @@ def example(cls: type[Variant]) -> Variant:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cola(tmp_path_factory.mktemp("glue"), n_train=48, n_dev=16)
+    return write_rte(write_cola(tmp_path_factory.mktemp("glue"), n_train=48, n_dev=16))
+
+
+def task_for(v: Variant) -> str:
+    """A task the variant applies to: CoLA, or RTE for the sentence-pair architectures."""
+    return "rte" if v.needs_pairs else "cola"
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +73,8 @@ def tiny3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def layers_in(path: Path) -> int:
     """Transformer blocks of a saved checkpoint, counted from its weights (not from its config)."""
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        return 1 + max(int(k.split(".")[3]) for k in f.keys() if ".layer." in k)  # noqa: SIM118 (no __iter__)
+        keys = [k.split(".") for k in f.keys()]  # noqa: SIM118 (no __iter__)
+    return 1 + max(int(p[p.index("layer") + 1]) for p in keys if "layer" in p and "encoder" in p)
 
 
 def check_config(cls: type[Variant]) -> None:
@@ -93,7 +99,8 @@ def check_apply(cls: type[Variant], model_dir: Path, out: Path) -> None:
 
 
 def check_rows_and_resume(v: Variant, model_dir: Path, data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run = finetune(model_dir, "cola", out, seeds=1, grid=TINY_GRID, variants=[v], data_dir=data, **FAST)
+    task = task_for(v)
+    run = finetune(model_dir, task, out, seeds=1, grid=TINY_GRID, variants=[v], data_dir=data, **FAST)
     rows = run.results
     validate(rows)
     [seed] = run.seeds
@@ -102,7 +109,7 @@ def check_rows_and_resume(v: Variant, model_dir: Path, data: Path, out: Path, mo
     assert len(rows) == len(evals) * len(m["metrics"]) > 0
     assert set(rows["source"]) == {"finetune"} and set(rows["probe"]) == {"finetune"}
     assert set(rows["mode"]) == {v.slug} and set(rows["variant"]) == {v.name} and set(rows["split"]) == {"dev"}
-    assert rows["layer"].isna().all() and set(rows["finetune_task"]) == {"cola"} and set(rows["task"]) == {"cola"}
+    assert rows["layer"].isna().all() and set(rows["finetune_task"]) == {task} and set(rows["task"]) == {task}
     chosen = rows[rows["chosen"]]
     assert sorted(chosen["metric"]) == sorted(m["metrics"])
     assert chosen.set_index("metric").loc[m["metric"], "value"] == pytest.approx(m["chosen"]["value"])
@@ -116,7 +123,7 @@ def check_rows_and_resume(v: Variant, model_dir: Path, data: Path, out: Path, mo
         raise AssertionError("a finished seed was trained again")
 
     monkeypatch.setattr(train_module, "run_config", no_training)
-    again = finetune(model_dir, "cola", out, seeds=1, grid=TINY_GRID, variants=[v], data_dir=data, **FAST)
+    again = finetune(model_dir, task, out, seeds=1, grid=TINY_GRID, variants=[v], data_dir=data, **FAST)
     assert [s.skipped for s in again.seeds] == [True]
     pd.testing.assert_frame_equal(again.results, rows)
     assert len(load_results(out)) == len(rows)  # merged, not appended twice

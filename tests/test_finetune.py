@@ -40,6 +40,22 @@ def write_cola(root: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) ->
     return root
 
 
+def write_rte(root: Path, n_train: int = 48, n_dev: int = 16, seed: int = 0) -> Path:
+    """An RTE-format pair task a tiny model can learn: the second sentence repeats the first's words (entailment)
+    or uses the other word list (not_entailment)."""
+    rng = random.Random(seed)
+    folder = root / "glue" / "RTE"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = ["index\tsentence1\tsentence2\tlabel\n"]
+        for i in range(n):
+            a = sentence(rng, POS)
+            b = sentence(rng, POS) if i % 2 else sentence(rng, NEG)
+            rows.append(f"{i}\t{a}\t{b}\t{'entailment' if i % 2 else 'not_entailment'}\n")
+        (folder / name).write_text("".join(rows), encoding="utf-8")
+    return root
+
+
 def write_stsb(root: Path, n: int = 24, seed: int = 0) -> Path:
     rng = random.Random(seed)
     folder = root / "glue" / "STS-B"
@@ -148,13 +164,13 @@ def test_variants_saved_layer_counts(tiny3: Path, data: Path, tmp_path: Path) ->
         data_dir=data,
         max_steps=3,
         threads=1,
-        variants=["drop-layers", "copy-layers", "multi-objective"],
+        variants=["drop-layers", "copy-layers", "multi-objective", "multi-objective-extra-layer"],
         drop=2,
         copy_from=2,
     )
     got = {r.variant: r.path for r in run.seeds}
-    assert set(got) == {"drop-layers-n2", "copy-layers-k2", "multi-objective"}
-    expect = {"drop-layers-n2": 1, "copy-layers-k2": 3, "multi-objective": 3}
+    assert set(got) == {"drop-layers-n2", "copy-layers-k2", "multi-objective", "multi-objective-extra-layer"}
+    expect = {"drop-layers-n2": 1, "copy-layers-k2": 3, "multi-objective": 3, "multi-objective-extra-layer": 3}
     for variant, path in got.items():
         encoder = AutoModel.from_pretrained(path)
         assert encoder.config.num_hidden_layers == expect[variant] == len(encoder.encoder.layer), variant
@@ -170,30 +186,31 @@ def test_multi_objective_adds_an_mlm_loss_over_the_extra_layer(tiny_model: Path,
     task = probekit.load_task("cola", data)
     tok = load_tokenizer(str(tiny_model))
     model = apply_variant(
-        load_classifier(str(tiny_model), task, seed=0), make_variant("multi-objective", mask_ratio=0.5)
+        load_classifier(str(tiny_model), task, seed=0), make_variant("multi-objective-extra-layer", mask_ratio=0.5)
     )
     assert isinstance(model, MultiObjective) and len(encoder_layers(model.classifier)) == 2
     split = task.splits["train"]
     tokens = tokenize(tok, split.texts[:8], None, 32)
-    ds = TextDataset(tokens, split.labels[:8], tok.pad_token_id, mlm_order=np.arange(8)[::-1].copy())
-    batch = ds.collate(range(8))
-    assert batch["mlm_input_ids"].shape[0] == 8 and "mlm_special_tokens_mask" in batch
+    batch = TextDataset(tokens, split.labels[:8], tok.pad_token_id, keep_special=True).collate(range(8))
+    assert "special_tokens_mask" in batch
     model.train()
-    plain = {k: v for k, v in batch.items() if not k.startswith("mlm_")}
-    cls_loss = model.classifier(**plain).loss
     torch.manual_seed(0)
     out = model(**batch)
+    _, cls_rows = model.last_split
+    plain = {k: v[cls_rows] for k, v in batch.items() if k != "special_tokens_mask"}
+    torch.manual_seed(0)
+    cls_loss = model.classifier(**plain).loss
     assert out.loss > cls_loss + 1.0  # + the MLM loss (about log(vocab) at the start)
     out.loss.backward()
     assert model.extra_layer.attention.self.query.weight.grad.abs().sum() > 0
     assert model.mlm_head.dense_weight.grad.abs().sum() > 0
     model.eval()
-    assert torch.allclose(model(**plain).loss, model.classifier(**plain).loss)
+    every = {k: v for k, v in batch.items() if k != "special_tokens_mask"}
+    assert torch.allclose(model(**batch).loss, model.classifier(**every).loss)  # eval: classification only
 
     # the warm-up trains the extra layer and the head only
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    mlm = {k.removeprefix("mlm_"): v for k, v in batch.items() if k.startswith("mlm_")}
-    losses = model.warm_up([mlm] * 30, lr=1e-2)
+    losses = model.warm_up([batch] * 30, lr=1e-2)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     after = model.state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}

@@ -11,14 +11,27 @@ from probekit.cli import app
 from probekit.cli.common import DataDir, Model, Quiet, check_paths, print_table, writing
 from probekit.cli.options import derive
 from probekit.config import split_options
-from probekit.finetune import JobOptions, option_sources, variant_order
+from probekit.finetune import JobOptions, MultitaskOptions, finetune_multitask, option_sources, variant_order
 from probekit.finetune import finetune as run_finetune
 
-_VARIANT_HELP = f"Fine-tuning variant ({', '.join(variant_order())}, or all); repeat."
+_VARIANT_HELP = (
+    f"Fine-tuning variant ({', '.join(variant_order())}, or all); repeat for several runs; "
+    "a+b composes variants in one run (e.g. smart+siamese)."
+)
+
+
+def _task_scores(metrics: dict[str, Any]) -> dict[str, str]:
+    """Each task's main dev metric at a multi-task run's chosen epoch."""
+    chosen = metrics["chosen"]
+    return {t: f"{s['metric']} {100 * chosen[t + '_' + s['metric']]:.1f}" for t, s in metrics["tasks"].items()}
+
+
+def _sources() -> list:
+    return [*option_sources(), ("multi-task fine-tuning", MultitaskOptions)]
 
 
 @app.command()
-@derive(option_sources, labelled=False)
+@derive(_sources, labelled=False)
 def finetune(
     model: Model,
     task: Annotated[
@@ -38,6 +51,41 @@ def finetune(
     check_paths(names_or_files={"task": task}, outputs={"out": out}, data_dir=data_dir)
     given, rest = split_options(options or {}, JobOptions)
     job = JobOptions.from_mapping(given)
+    multi, rest = split_options(rest, MultitaskOptions)
+    mt = MultitaskOptions.from_mapping(multi)
+    if mt.multitask:
+        with writing(out):
+            result = finetune_multitask(
+                model,
+                task,
+                out,
+                seeds=job.seeds,
+                variants=variant,
+                task_sampling=mt.task_sampling,
+                data_dir=data_dir,
+                threads=job.threads or None,
+                fresh=fresh,
+                progress=not quiet,
+                **rest,
+            )
+        print_table(
+            [
+                {
+                    "tasks": r.task,
+                    "variant": r.variant,
+                    "seed": r.seed,
+                    "epoch": r.metrics["chosen"]["epoch"],
+                    **_task_scores(r.metrics),
+                    "status": "done before" if r.skipped else "trained",
+                }
+                for r in result.seeds
+            ],
+            title="multi-task checkpoints (dev score of each task at the chosen epoch)",
+        )
+        typer.echo(f"checkpoints: {out}/multitask-<tasks>/<variant>/seed<k>/best; rows: {out / 'results.parquet'}")
+        return
+    if multi.get("task_sampling") is not None:
+        typer.echo("note: --task-sampling applies with --multitask only", err=True)
     with writing(out):
         result = run_finetune(
             model,

@@ -9,13 +9,25 @@
     run.comparison               # task x variant x seed dev scores (also runs/ft/comparison.csv/.md)
 
 - :mod:`probekit.finetune.variants`: :data:`VARIANTS`, one registered class per variant (``plain``,
-  ``multi-objective``, ``copy-layers``, ``drop-layers``; plugins add theirs with :func:`register_variant`).
+  ``copy-layers``, ``drop-layers``; ``a+b`` composes them; plugins add theirs with :func:`register_variant`);
+  :mod:`~probekit.finetune.multi_objective` (``multi-objective``, ``multi-objective-extra-layer``),
+  :mod:`~probekit.finetune.smart` (``smart``), :mod:`~probekit.finetune.siamese` (``siamese``,
+  ``embed-then-concat``).
 - :mod:`probekit.finetune.train`: the Trainer-based runs, :data:`GRIDS`, seeds, best checkpoint, resume.
 - :mod:`probekit.finetune.table`: the comparison of variants (the paper's Tables 1 and 2) and the tidy rows.
 """
 
 from __future__ import annotations
 
+from probekit.finetune.multi_objective import (
+    MultiObjective,
+    MultiObjectiveExtraLayer,
+    MultiObjectiveVariant,
+    pretrained_mlm_head,
+)
+from probekit.finetune.multitask import MultitaskModel, MultitaskOptions, finetune_multitask, multitask_rows
+from probekit.finetune.siamese import EmbedThenConcat, Siamese, SiameseModel
+from probekit.finetune.smart import Smart, SmartModel
 from probekit.finetune.table import comparison, seed_rows, write_comparison, write_results
 from probekit.finetune.train import (
     GRIDS,
@@ -29,10 +41,9 @@ from probekit.finetune.train import (
 )
 from probekit.finetune.variants import (
     VARIANTS,
+    Composed,
     CopyLayers,
     DropLayers,
-    MultiObjective,
-    MultiObjectiveVariant,
     Plain,
     Variant,
     VariantError,
@@ -49,14 +60,23 @@ from probekit.finetune.variants import (
 __all__ = [
     "GRIDS",
     "VARIANTS",
+    "Composed",
     "CopyLayers",
     "DropLayers",
+    "EmbedThenConcat",
     "Grid",
     "JobOptions",
     "MultiObjective",
+    "MultiObjectiveExtraLayer",
     "MultiObjectiveVariant",
+    "MultitaskModel",
+    "MultitaskOptions",
     "Plain",
     "SeedResult",
+    "Siamese",
+    "SiameseModel",
+    "Smart",
+    "SmartModel",
     "TrainOptions",
     "Variant",
     "VariantError",
@@ -67,8 +87,11 @@ __all__ = [
     "drop_layers",
     "encoder_layers",
     "finetune",
+    "finetune_multitask",
     "make_variant",
+    "multitask_rows",
     "option_sources",
+    "pretrained_mlm_head",
     "probed_variants",
     "register_variant",
     "seed_rows",

@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,10 +52,10 @@ from probekit.config import Config, option
 from probekit.cpu import cpu_threads
 from probekit.data import Split, Task, TaskData, get_task, load_task
 from probekit.encoding import Tokenized, collate, tokenize
-from probekit.errors import ParamError, ProbekitError
+from probekit.errors import ParamError, ProbekitError, ProbekitWarning
+from probekit.finetune.batches import TextDataset, collate_items
 from probekit.finetune.table import seed_rows, write_comparison, write_results
 from probekit.finetune.variants import (
-    MLM_PREFIX,
     VARIANTS,
     Variant,
     encoder_layers,
@@ -124,6 +125,14 @@ class TrainOptions(Config):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = option(
         "auto", "auto: fp32 on CPU, bf16 (else fp16) mixed precision on GPU."
     )
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = option(
+        "adamw", "Optimizer (BERTer also tries RMSprop and SGD; weight decay applies to each)."
+    )
+    select: Literal["best-dev", "paper"] = option(
+        "best-dev",
+        "Checkpoint rule: best-dev (the best dev score), or paper (the convexity paper's: the best dev score "
+        "among evaluations whose dev score is not below the training score).",
+    )
     keep_checkpoints: bool = option(False, "Keep the Trainer checkpoints and every configuration's model.")
     progress: bool = option(True, "Progress bars.", cli=False)
 
@@ -156,6 +165,9 @@ class TrainOptions(Config):
             "max_length": self.max_length,
             "weight_decay": self.weight_decay,
             "warmup_ratio": self.warmup_ratio,
+            # new settings enter the fingerprint only when not their default, so earlier runs stay reusable
+            **({"optimizer": self.optimizer} if self.optimizer != "adamw" else {}),
+            **({"select": self.select} if self.select != "best-dev" else {}),
         }
 
 
@@ -192,39 +204,6 @@ class SeedResult:
 
 
 # ---------------------------------------------------------------- data
-
-
-class TextDataset(torch.utils.data.Dataset):
-    """A tokenised split; items are indices, batches are padded by :meth:`collate`.
-
-    With ``mlm_order`` (multi-objective training) each item also brings the text at
-    ``mlm_order[i]`` as an MLM sample (``mlm_`` keys).
-    """
-
-    def __init__(self, tok: Tokenized, labels: np.ndarray, pad_id: int, mlm_order: np.ndarray | None = None) -> None:
-        self.tok, self.labels, self.pad_id, self.mlm_order = tok, labels, pad_id, mlm_order
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"dataset": self, "index": int(i)}
-
-    def collate(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        idx = np.asarray(idx)
-        batch = collate(self.tok, idx, self.pad_id, torch.device("cpu"))
-        batch.pop("special_tokens_mask")
-        labels = self.labels[idx]
-        batch["labels"] = torch.as_tensor(labels, dtype=torch.float32 if labels.dtype.kind == "f" else torch.long)
-        if self.mlm_order is not None:
-            mlm = collate(self.tok, self.mlm_order[idx], self.pad_id, torch.device("cpu"))
-            batch.update({MLM_PREFIX + k: v for k, v in mlm.items()})
-        return batch
-
-
-def collate_items(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The Trainer's data collator: pad a list of :class:`TextDataset` items."""
-    return items[0]["dataset"].collate([it["index"] for it in items])
 
 
 def prepare_data(data: TaskData, max_train: int | None, max_dev: int | None) -> tuple[Split, Split]:
@@ -281,15 +260,60 @@ def load_tokenizer(source: str) -> Any:
     return tok
 
 
-def _compute_metrics(names: list[str], regression: bool):  # type: ignore[no-untyped-def]
+def _compute_metrics(names: list[str], regression: bool, variant: Variant | None = None):  # type: ignore[no-untyped-def]
+    """The Trainer's ``compute_metrics``: the variant turns the outputs into predictions (a Siamese model
+    thresholds its cosines), scored with every metric of the task."""
+    predictor = variant or VARIANTS.get("plain")()
+
+    def main(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        v = M.score(names[:1], y_true, y_pred)[names[0]]
+        return -math.inf if math.isnan(v) else v
+
     def compute(pred: Any) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        y_pred = np.asarray(logits).reshape(-1) if regression else np.asarray(logits).argmax(-1)
-        scores = M.score(names, np.asarray(pred.label_ids).reshape(len(y_pred)), y_pred)
+        labels = np.asarray(pred.label_ids).reshape(-1)
+        y_pred = predictor.predictions(np.asarray(logits), labels, regression, main)
+        scores = M.score(names, labels.reshape(len(y_pred)), y_pred)
         # a constant prediction has no correlation (NaN): count it as 0 so that a checkpoint can still be chosen
         return {k: (0.0 if math.isnan(v) else v) for k, v in scores.items()}
 
     return compute
+
+
+SELECT_RULES = {
+    "best-dev": {"rule": "best-dev", "reading": "the evaluation (epoch, or step) with the best dev score"},
+    "paper": {
+        "rule": "paper",
+        "reading": "the convexity paper's Section 4.1, 'the most validation performance score while being higher "
+        "than the accuracy performance score at the same time', read as: the best dev score among the evaluations "
+        "whose dev score is not below the training score (the task's main metric on a fixed random subset of the "
+        "training set as large as dev, in eval mode); the best dev score when no evaluation qualifies",
+    },
+}
+"""``--select``: how each configuration's checkpoint is chosen (recorded in ``metrics.json``)."""
+OPTIMIZERS = {"adamw": "adamw_torch", "rmsprop": "rmsprop", "sgd": "sgd"}
+"""``--optimizer`` -> the Trainer's ``optim`` (torch's AdamW, RMSprop, SGD)."""
+PAPER_PENALTY = 1e3
+"""Subtracted from the dev score of an evaluation the paper's rule does not admit (dev below train), so
+that the Trainer keeps the best admitted one, and the best dev score when none is admitted."""
+TRAIN_EVAL_PREFIX = "train_eval"
+
+
+def _paper_rule(trainer: Any, train_eval: Any, metric: str) -> Any:
+    """A Trainer callback: after each dev evaluation, score ``train_eval`` (a fixed subset of the training
+    set) and add ``eval_paper`` (the dev score, less :data:`PAPER_PENALTY` when below the training score)."""
+    from transformers import TrainerCallback  # deferred: transformers is heavy (seconds), needed only to train
+
+    class PaperRule(TrainerCallback):
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
+            if not metrics or f"eval_{metric}" not in metrics or "eval_paper" in metrics:
+                return
+            train = trainer.predict(train_eval, metric_key_prefix=TRAIN_EVAL_PREFIX).metrics
+            tr, dev = float(train[f"{TRAIN_EVAL_PREFIX}_{metric}"]), float(metrics[f"eval_{metric}"])
+            metrics["eval_paper"] = dev if dev >= tr else dev - PAPER_PENALTY
+            trainer.log({f"{TRAIN_EVAL_PREFIX}_{metric}": tr, "paper_admitted": float(dev >= tr)})
+
+    return PaperRule()
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
@@ -321,6 +345,10 @@ class _FinetuneJob:
     options: TrainOptions
     metric: str
     metric_names: list[str]
+    max_length: int = 128
+    train_eval: Split | None = None
+    """A fixed random subset of the training set as large as dev (at most): the training score of the
+    paper's checkpoint rule."""
 
 
 def run_config(
@@ -336,10 +364,10 @@ def run_config(
     opts = job.options
     precision = _precision(opts.precision, opts.device)
     model = job.variant.apply(load_classifier(job.source, job.data, seed), seed)
-    mlm_order = job.variant.mlm_order(len(job.train.labels), seed)
     pad = int(job.tokenizer.pad_token_id)
-    train_ds = TextDataset(job.train_tok, job.train.labels, pad, mlm_order)
-    dev_ds = TextDataset(job.dev_tok, job.dev.labels, pad)
+    train_ds = job.variant.dataset(job.tokenizer, job.train, job.max_length, pad, train=True)
+    dev_ds = job.variant.dataset(job.tokenizer, job.dev, job.max_length, pad, train=False)
+    paper = opts.select == "paper"
     steps_per_epoch = max(1, math.ceil(len(train_ds) / batch_size))
     by_steps = opts.max_steps is not None
     every = opts.eval_steps or opts.max_steps or steps_per_epoch
@@ -359,7 +387,8 @@ def run_config(
         eval_steps=every if by_steps else None,
         save_steps=every if by_steps else 500,
         load_best_model_at_end=True,
-        metric_for_best_model=job.metric,
+        metric_for_best_model="paper" if paper else job.metric,
+        optim=OPTIMIZERS[opts.optimizer],
         greater_is_better=True,
         save_total_limit=2,
         logging_strategy="steps",
@@ -381,9 +410,12 @@ def run_config(
         data_collator=collate_items,
         train_dataset=train_ds,
         eval_dataset=dev_ds,
-        compute_metrics=_compute_metrics(job.metric_names, M.is_regression(job.data.task)),
+        compute_metrics=_compute_metrics(job.metric_names, M.is_regression(job.data.task), job.variant),
     )
     trainer.remove_callback(PrinterCallback)
+    if paper:
+        train_eval = job.variant.dataset(job.tokenizer, job.train_eval, job.max_length, pad, train=False)
+        trainer.add_callback(_paper_rule(trainer, train_eval, job.metric))
     resume = _last_checkpoint(ckpt_dir)
     started = time.perf_counter()
     extras: dict[str, Any] = {}
@@ -396,6 +428,7 @@ def run_config(
     wall = time.perf_counter() - started
     result = _summarize(trainer, job, batch_size, lr, wall, resumed=resume is not None)
     result.update(extras)
+    result.update(job.variant.notes(trainer.model))
     final = run_dir / "model"
     tmp = run_dir / ".model.tmp"
     remove_tree(tmp)
@@ -436,6 +469,11 @@ def _summarize(
         for e in state.log_history
         if key in e
     ]
+    train_key = f"{TRAIN_EVAL_PREFIX}_{job.metric}"
+    train_scores = {int(e["step"]): float(e[train_key]) for e in state.log_history if train_key in e}
+    for e in evals:
+        if e["step"] in train_scores:
+            e[f"train_{job.metric}"] = train_scores[e["step"]]
     losses = [{"step": int(e["step"]), "loss": float(e["loss"])} for e in state.log_history if "loss" in e]
     if not evals:
         raise ProbekitError(
@@ -445,6 +483,9 @@ def _summarize(
     if state.best_model_checkpoint:
         best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
     chosen = next((e for e in evals if e["step"] == best_step), max(evals, key=lambda e: e[job.metric]))
+    train_score = chosen.get(f"train_{job.metric}")
+    if train_score is not None:
+        chosen = {**chosen, "admitted": bool(chosen[job.metric] >= train_score)}
     return {
         "batch_size": batch_size,
         "lr": lr,
@@ -487,6 +528,8 @@ def _job(source: str, data: TaskData, variant: Variant, options: TrainOptions, t
         options=options,
         metric=names[0],
         metric_names=names,
+        max_length=max_length,
+        train_eval=train.take(np.sort(np.random.default_rng(DATA_SEED + 1).permutation(len(train))[: len(dev)])),
     )
 
 
@@ -535,7 +578,7 @@ def finetune_seed(job: _FinetuneJob, seed: int, seed_dir: Path) -> SeedResult:
         run_settings = {**settings, "batch_size": bs, "lr": lr}
         result = run_config(job, seed, bs, lr, seed_dir / "runs" / config_slug(bs, lr), run_settings)
         runs.append(result)
-    pick = max(range(len(runs)), key=lambda i: runs[i]["chosen"]["value"])
+    pick = max(range(len(runs)), key=lambda i: (runs[i]["chosen"].get("admitted", True), runs[i]["chosen"]["value"]))
     chosen_dir = seed_dir / "runs" / config_slug(runs[pick]["batch_size"], runs[pick]["lr"]) / "model"
     if not chosen_dir.is_dir():
         raise ProbekitError(
@@ -578,9 +621,10 @@ def _metrics_file(job: _FinetuneJob, seed: int, settings: dict, runs: list[dict]
             "grid_batch_sizes": list(job.options.grid_spec.batch_sizes),
             "grid_lrs": list(job.options.grid_spec.lrs),
             **job.options.settings(),
-            "optimizer": "adamw",
+            "optimizer": job.options.optimizer,
             "schedule": "linear warm-up then linear decay",
         },
+        "select": SELECT_RULES[job.options.select],
         "data": {
             "sha256": job.data.sha256,
             "n_train": len(job.train),
@@ -640,6 +684,7 @@ def finetune(
     data_dir: str | Path | None = None,
     threads: int | None = None,
     fresh: bool = False,
+    strict: bool = True,
     **options: Any,
 ) -> Run:
     """What ``probekit finetune`` runs: fine-tune ``model`` on each task, variant and seed; best
@@ -652,7 +697,9 @@ def finetune(
     and of the named variants (``copy_from``, ``drop``, ``mlm_weight``, ``mlm_warmup``...). Finished
     seeds and runs with the same fingerprint are reused, interrupted ones resume; other settings are
     refused unless ``fresh``. ``threads``: CPU threads for torch while it runs (on a busy CPU, 1 is
-    often much faster than oversubscribing the cores).
+    often much faster than oversubscribing the cores). A variant that does not apply to a task (a pair
+    architecture on a one-sentence task) is skipped with a warning, or refused when it is the only
+    task x variant asked for (with ``strict=False``, as a suite runs it, always skipped).
 
     Returns a :class:`~probekit.runs.Run`: ``results`` the tidy rows of these tasks, variants and
     seeds; ``seeds`` the :class:`SeedResult` list; ``comparison`` the comparison table.
@@ -678,10 +725,12 @@ def finetune(
     out = Path(out)
     claim_output(out, "out", force=fresh, force_param="fresh")
     with cpu_threads(threads or None):
-        results = _finetune_all(source, task_list, variant_list, seed_list, out, opts, data_dir, fresh)
+        results = _finetune_all(source, task_list, variant_list, seed_list, out, opts, data_dir, fresh, strict)
     table = write_comparison(out)
     rows = [r for res in results for r in seed_rows(res.metrics)]
-    paths = {"out": out, "results": write_results(out, rows), "comparison": out / "comparison.csv"}
+    paths = {"out": out, "comparison": out / "comparison.csv"}
+    if rows:  # none when every asked-for variant was skipped as not applying to the tasks
+        paths["results"] = write_results(out, rows)
     return Run(
         results=tidy(rows) if rows else pd.DataFrame(),
         paths=paths,
@@ -699,6 +748,7 @@ def _finetune_all(
     options: TrainOptions,
     data_dir: str | Path | None,
     fresh: bool,
+    strict: bool = True,
 ) -> list[SeedResult]:
     results: list[SeedResult] = []
     tokenizer = None
@@ -706,6 +756,12 @@ def _finetune_all(
         data = _task_data(task, data_dir)
         inputs = seed_inputs(data)
         for variant in variant_list:
+            reason = variant.applies(data)
+            if reason is not None:
+                if strict and len(task_list) * len(variant_list) == 1:
+                    raise ParamError("variant", reason)
+                warnings.warn(f"skipped: {reason}", ProbekitWarning, stacklevel=2)
+                continue
             job = None
             for seed in seed_list:
                 seed_dir = out / data.name / variant.slug / f"seed{seed}"

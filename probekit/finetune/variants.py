@@ -6,51 +6,38 @@
   transformer blocks, so K is in 1..L-1.
 - ``drop-layers`` (``drop=N``): the top N blocks are removed (and ``num_hidden_layers`` set
   to L-N, so the saved checkpoint reloads with L-N layers).
-- ``multi-objective``: an extra block (initialised as a copy of the top one) is stacked on
-  top, used only by a masked-language-model objective: each training batch also carries
-  texts whose input word embeddings are corrupted by embedding dropout, and an MLM head over
-  the extra block (BERT's head, decoder tied to the input word embeddings) predicts their
-  tokens; the loss is the classifier's plus ``mlm_weight`` times the MLM loss. The new head
-  and the extra block are first trained alone for ``mlm_warmup`` steps (encoder frozen), so
-  that a random head's early loss (about log(vocabulary)) does not swamp the classifier's.
-  The classifier still reads the original top layer. The extra block and the head are
-  training-time only: the saved checkpoint is the classifier model with its L layers.
+- ``multi-objective`` and ``multi-objective-extra-layer`` (:mod:`probekit.finetune.multi_objective`),
+  ``smart`` (:mod:`probekit.finetune.smart`), ``siamese`` and ``embed-then-concat``
+  (:mod:`probekit.finetune.siamese`): registered by their modules.
 
 Each variant is one class registered in :data:`VARIANTS` (its options are its dataclass
 fields, a :class:`~probekit.config.Config`; its behaviour its methods); a plugin adds one by
 writing one class with :func:`register_variant`, and the CLI, the comparison table and the
 suite find it there.
 
-The embedding-dropout corruption and the MLM head are those of the MLM-head probe
-(:mod:`probekit.mlm`): :func:`~probekit.mlm.embedding_dropout` and a one-head
-:class:`~probekit.mlm.MLMHeads`, whose tied vocabulary projection gives the decoder (the
-embedding matrix) no gradient through the MLM loss (the embeddings still learn through the
-encoder).
+Variants compose (``a+b``, :class:`Composed`): any number that change the model's weights or depth
+(``role = "model"``), at most one that changes the forward pass and the data (``"architecture"``) and at
+most one that wraps the loss (``"objective"``).
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from probekit.config import Config, fields_of, option, split_options
+from probekit.config import Config, option, split_options
+from probekit.data import Split, TaskData
+from probekit.encoding import tokenize
 from probekit.errors import ParamError, ProbekitError
-from probekit.mlm import DEFAULT_DROPOUT_RATIO, DEFAULT_MASK_RATIO, MLMHeads, _generator, embedding_dropout
+from probekit.finetune.batches import TextDataset
 from probekit.registry import Registry
 
-if TYPE_CHECKING:
-    from transformers.modeling_outputs import SequenceClassifierOutput
-
-MLM_WARMUP_STEPS = 200
-MLM_WARMUP_LR = 1e-3
-MLM_PREFIX = "mlm_"
+Scorer = Callable[[np.ndarray, np.ndarray], float]
 
 
 class VariantError(ParamError):
@@ -76,6 +63,14 @@ class Variant(Config):
     layer against the pre-trained model in a suite)."""
     order: ClassVar[int] = 100
     """Position in the comparison table (rows sorted by it, then by name)."""
+    needs_pairs: ClassVar[bool] = False
+    """Whether the variant applies to sentence-pair tasks only."""
+    needs_special_tokens: ClassVar[bool] = False
+    """Whether training batches keep the special-tokens mask (for masking real tokens only)."""
+    role: ClassVar[str] = "model"
+    """How it composes with others (``a+b``): ``model`` changes the encoder's weights or depth (any number),
+    ``architecture`` changes the forward pass and the data (one at most), ``objective`` wraps the loss
+    (one at most, outermost)."""
 
     @property
     def slug(self) -> str:
@@ -102,10 +97,28 @@ class Variant(Config):
         """The part of a trained model that is saved (without training-time extras)."""
         return trained
 
-    def mlm_order(self, n_train: int, seed: int) -> np.ndarray | None:
-        """For variants that train on a second view of the training texts: which text each example brings
-        (an index per example), else None."""
+    def applies(self, data: TaskData) -> str | None:
+        """Why the variant cannot fine-tune on ``data`` (e.g. a pair architecture on a one-sentence task),
+        or None when it can."""
+        if self.needs_pairs and data.splits["train"].text_pairs is None:
+            return f"{self.name} needs a sentence-pair task; {data.name} has one sentence per example"
         return None
+
+    def dataset(
+        self, tokenizer: Any, split: Split, max_length: int, pad_id: int, *, train: bool
+    ) -> torch.utils.data.Dataset:
+        """The split as the model reads it (default: one sequence per example, pairs packed)."""
+        tok = tokenize(tokenizer, split.texts, split.text_pairs, max_length)
+        return TextDataset(tok, split.labels, pad_id, keep_special=train and self.needs_special_tokens)
+
+    def predictions(self, outputs: np.ndarray, labels: np.ndarray, regression: bool, score: Scorer) -> np.ndarray:
+        """Dev predictions from the model's outputs (default: the argmax of the logits, or the regression
+        value); ``score(y_true, y_pred)`` is the task's main metric, for variants that tune a threshold."""
+        return outputs.reshape(-1) if regression else outputs.argmax(-1)
+
+    def notes(self, model: nn.Module) -> dict[str, Any]:
+        """What to record about a trained model in its run's result (e.g. where a head came from)."""
+        return {}
 
     def before_training(self, model: nn.Module, batches: Any, device: torch.device) -> dict[str, Any]:
         """Work before the Trainer starts (not on a resumed run); ``batches(steps)`` gives training batches.
@@ -127,9 +140,12 @@ def register_variant(cls: type[Variant]) -> type[Variant]:
 
 def make_variant(name: str | Variant, **params: Any) -> Variant:
     """The variant ``name`` with those of ``params`` that are its options (the others are ignored, so one
-    set of parameters can serve several variants)."""
+    set of parameters can serve several variants). ``a+b`` composes registered variants into one
+    (:class:`Composed`, e.g. ``smart+siamese``)."""
     if isinstance(name, Variant):
         return name
+    if "+" in name:
+        return Composed(tuple(make_variant(part.strip(), **params) for part in name.split("+")))
     cls = VARIANTS.get(name)
     own, _ = split_options({k: v for k, v in params.items() if v is not None}, cls)
     return cls.from_mapping(own)
@@ -163,57 +179,6 @@ class Plain(Variant):
 
     name: ClassVar[str] = "plain"
     order: ClassVar[int] = 0
-
-
-@register_variant
-@dataclass(frozen=True)
-class MultiObjectiveVariant(Variant):
-    """multi-objective: an extra top layer and an MLM objective on embedding-dropout texts during training."""
-
-    name: ClassVar[str] = "multi-objective"
-    order: ClassVar[int] = 1
-    tags: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("w", "mlm_weight"),
-        ("wu", "mlm_warmup"),
-        ("m", "mask_ratio"),
-        ("d", "dropout_ratio"),
-    )
-
-    mlm_weight: float = option(1.0, "multi-objective: weight of the MLM loss.", gt=0)
-    mlm_warmup: int = option(
-        MLM_WARMUP_STEPS, "multi-objective: steps training the new MLM head alone before fine-tuning.", ge=0
-    )
-    mask_ratio: float = option(
-        DEFAULT_MASK_RATIO, "multi-objective: share of real tokens whose embeddings are corrupted.", gt=0, le=1
-    )
-    dropout_ratio: float = option(
-        DEFAULT_DROPOUT_RATIO, "multi-objective: dropout rate of a corrupted token's embedding.", ge=0, le=1
-    )
-
-    @property
-    def slug(self) -> str:
-        """``multi-objective``, with a tag per option that is not the default (its own folder)."""
-        defaults = {f.name: f.default for f in fields_of(type(self))}
-        tags = [f"{tag}{getattr(self, n):g}" for tag, n in self.tags if getattr(self, n) != defaults[n]]
-        return "-".join([self.name, *tags])
-
-    def apply(self, model: nn.Module, seed: int = 0) -> nn.Module:
-        return MultiObjective(model, self, seed)
-
-    def saved(self, trained: nn.Module) -> nn.Module:
-        return trained.classifier if isinstance(trained, MultiObjective) else trained
-
-    def mlm_order(self, n_train: int, seed: int) -> np.ndarray | None:
-        return np.random.default_rng([seed, 7]).permutation(n_train)
-
-    def before_training(self, model: nn.Module, batches: Any, device: torch.device) -> dict[str, Any]:
-        if not isinstance(model, MultiObjective) or not self.mlm_warmup:
-            return {}
-        model.to(device)
-        losses = model.warm_up(batches(self.mlm_warmup))
-        if not losses:
-            return {}
-        return {"mlm_warmup_loss": {"steps": len(losses), "first": losses[0], "last10": float(np.mean(losses[-10:]))}}
 
 
 @register_variant
@@ -325,114 +290,97 @@ def drop_layers(model: nn.Module, n: int) -> nn.Module:
     return model
 
 
-class MultiObjective(nn.Module):
-    """A sequence classifier plus a training-time extra layer and MLM head (the multi-objective variant).
+@dataclass(frozen=True)
+class Composed(Variant):
+    """Several variants in one run (``smart+siamese``, ``copy-layers+smart``): the ``model`` variants change the
+    encoder first (in the order given), then the ``architecture`` one (at most one) wraps it, then the
+    ``objective`` one (at most one) wraps that; the saved part is unwrapped in the reverse order."""
 
-    ``forward`` takes the classifier's inputs and, in training, ``mlm_input_ids``,
-    ``mlm_attention_mask``, ``mlm_special_tokens_mask`` (and ``mlm_token_type_ids``): texts
-    whose real tokens are corrupted by embedding dropout, encoded, passed through the extra
-    layer and predicted by the MLM head. The loss is the classifier's plus ``mlm_weight`` times
-    the MLM loss. ``classifier`` is the model to save.
-    """
+    component: ClassVar[str] = "a composed fine-tuning variant"
+    name: ClassVar[str] = ""
+    parts: tuple[Any, ...] = ()
 
-    accepts_loss_kwargs = False
-    """Tells the Trainer to scale the loss for gradient accumulation itself."""
-
-    def __init__(self, classifier: nn.Module, variant: MultiObjectiveVariant, seed: int = 0) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.variant = variant
-        cfg = classifier.config
-        self.extra_layer = copy.deepcopy(encoder_layers(classifier)[-1])
-        emb = classifier.get_input_embeddings()
-        self.mlm_head = MLMHeads(
-            1,
-            int(emb.weight.shape[1]),
-            int(emb.weight.shape[0]),
-            eps=float(getattr(cfg, "layer_norm_eps", 1e-12)),
-            init_std=float(getattr(cfg, "initializer_range", 0.02)),
-            seed=seed,
-        )
-        self.seed = seed
-        self.calls = 0
-        self.last_mlm_loss: float | None = None
-        base = classifier.base_model
-        self._inputs = set(inspect.signature(base.forward).parameters)
+    def check(self, n_layers: int | None = None) -> None:
+        names = [p.name for p in self.parts]
+        if len(self.parts) < 2 or len(set(names)) != len(names):
+            raise VariantError("variant", f"{{variant}} {'+'.join(names)}: compose two or more different variants")
+        for role in ("architecture", "objective"):
+            found = [p.name for p in self.parts if p.role == role]
+            if len(found) > 1:
+                raise VariantError("variant", f"{{variant}} {'+'.join(names)}: {' and '.join(found)} do not compose")
+        if any(p.role == "objective" for p in self.parts) and any(p.needs_special_tokens for p in self.parts):
+            raise VariantError(
+                "variant",
+                f"{{variant}} {'+'.join(names)}: a loss wrapper does not compose with a variant that splits the batch",
+            )
+        if any(isinstance(p, Plain) for p in self.parts):
+            raise VariantError("variant", "{variant} plain composes with nothing (it is the encoder as it is)")
+        for p in self.parts:
+            p.check(n_layers)
 
     @property
-    def config(self) -> Any:
-        return self.classifier.config
+    def ordered(self) -> list[Variant]:
+        rank = {"model": 0, "architecture": 1, "objective": 2}
+        return sorted(self.parts, key=lambda p: rank[p.role])
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **mlm: torch.Tensor,
-    ) -> SequenceClassifierOutput:
-        kwargs = {"attention_mask": attention_mask, "labels": labels}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        out = self.classifier(input_ids=input_ids, **kwargs, return_dict=True)
-        batch = {k.removeprefix(MLM_PREFIX): v for k, v in mlm.items() if k.startswith(MLM_PREFIX)}
-        if not self.training or "input_ids" not in batch:
-            return out
-        mlm_loss = self.mlm_loss(batch)
-        loss = mlm_loss * self.variant.mlm_weight
-        out.loss = loss if out.loss is None else out.loss + loss
+    @property
+    def _arch(self) -> Variant | None:
+        return next((p for p in self.parts if p.role == "architecture"), None)
+
+    @property
+    def slug(self) -> str:
+        return "+".join(p.slug for p in self.parts)
+
+    @property
+    def needs_pairs(self) -> bool:  # type: ignore[override]
+        return any(p.needs_pairs for p in self.parts)
+
+    @property
+    def keeps_depth(self) -> bool:  # type: ignore[override]
+        return all(p.keeps_depth for p in self.parts)
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": "+".join(p.name for p in self.parts), "parts": [p.settings() for p in self.parts]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parts": [p.settings() for p in self.parts]}
+
+    def applies(self, data: TaskData) -> str | None:
+        return next((r for p in self.parts if (r := p.applies(data))), None)
+
+    def n_layers(self, original: int) -> int:
+        for p in self.ordered:
+            original = p.n_layers(original)
+        return original
+
+    def apply(self, model: nn.Module, seed: int = 0) -> nn.Module:
+        for p in self.ordered:
+            model = p.apply(model, seed)
+        return model
+
+    def saved(self, trained: nn.Module) -> nn.Module:
+        for p in reversed(self.ordered):
+            trained = p.saved(trained)
+        return trained
+
+    def dataset(self, tokenizer: Any, split: Split, max_length: int, pad_id: int, *, train: bool) -> Any:
+        arch = self._arch
+        return (arch or Plain()).dataset(tokenizer, split, max_length, pad_id, train=train)
+
+    def predictions(self, outputs: np.ndarray, labels: np.ndarray, regression: bool, score: Scorer) -> np.ndarray:
+        return (self._arch or Plain()).predictions(outputs, labels, regression, score)
+
+    def notes(self, model: nn.Module) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in self.parts:
+            out.update(p.notes(model))
         return out
 
-    def mlm_loss(self, batch: dict[str, torch.Tensor], train_encoder: bool = True) -> torch.Tensor:
-        """Embedding-dropout MLM loss of the extra layer's head on ``batch`` (input_ids, attention_mask, ...);
-        with ``train_encoder=False`` no gradient reaches the encoder (or the embeddings)."""
-        from transformers.masking_utils import create_bidirectional_mask  # deferred: transformers is heavy
-
-        emb = self.classifier.get_input_embeddings()
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        candidates = mask.bool() & ~batch["special_tokens_mask"].bool()
-        self.calls += 1
-        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
-            embeds = emb(ids)
-        corrupted, chosen = embedding_dropout(
-            embeds,
-            candidates,
-            self.variant.mask_ratio,
-            self.variant.dropout_ratio,
-            _generator(self.seed, self.calls, 3),
-        )
-        inputs: dict[str, torch.Tensor] = {"inputs_embeds": corrupted, "attention_mask": mask}
-        if "token_type_ids" in batch and "token_type_ids" in self._inputs:
-            inputs["token_type_ids"] = batch["token_type_ids"]
-        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
-            hidden = self.classifier.base_model(**inputs, return_dict=True).last_hidden_state
-        mask4d = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
-        top = self.extra_layer(hidden, mask4d)
-        top = top[0] if isinstance(top, tuple) else top
-        if not bool(chosen.any()):
-            return top.sum() * 0.0  # no token drawn in this batch: a zero that keeps the graph
-        with torch.autocast(device_type=top.device.type, enabled=False):
-            loss = self.mlm_head.loss(top[chosen].float().unsqueeze(0), emb.weight.float(), ids[chosen])[0]
-        self.last_mlm_loss = float(loss.detach())
-        return loss
-
-    def warm_up(self, batches: Iterable[dict[str, torch.Tensor]], lr: float = MLM_WARMUP_LR) -> list[float]:
-        """Train the extra layer and the MLM head alone on ``batches`` (MLM samples, keys without the
-        ``mlm_`` prefix, on the model's device), the encoder frozen; return the losses."""
-        params = [*self.extra_layer.parameters(), *self.mlm_head.parameters()]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-        was_training = self.training
-        self.train()
-        losses = []
-        for batch in batches:
-            loss = self.mlm_loss(batch, train_encoder=False)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        self.zero_grad(set_to_none=True)
-        self.train(was_training)
-        return losses
+    def before_training(self, model: nn.Module, batches: Any, device: torch.device) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in self.parts:
+            out.update(p.before_training(model, batches, device))
+        return out
 
 
 def apply_variant(model: nn.Module, variant: Variant, seed: int = 0) -> nn.Module:
@@ -440,8 +388,8 @@ def apply_variant(model: nn.Module, variant: Variant, seed: int = 0) -> nn.Modul
     return variant.apply(model, seed)
 
 
-def saved_model(trained: nn.Module, variant: Variant | None = None) -> nn.Module:
-    """The part of a trained model that is saved (:meth:`Variant.saved`)."""
-    if variant is not None:
-        return variant.saved(trained)
-    return trained.classifier if isinstance(trained, MultiObjective) else trained
+def unwrap(model: nn.Module) -> nn.Module:
+    """The innermost model of training-time wrappers (each keeps what it wraps as ``inner``)."""
+    while hasattr(model, "inner"):
+        model = model.inner
+    return model

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from probekit.plot.deltas import delta_heatmap, finetune_grid
 from probekit.plot.finetune import finetune_epochs
+from probekit.plot.forgetting import forgetting_curves
 from probekit.plot.mlm import mlm_curves
 from probekit.plot.offramp import (
     exit_histograms,
@@ -55,6 +56,7 @@ __all__ = [
     "exit_histograms",
     "finetune_epochs",
     "finetune_grid",
+    "forgetting_curves",
     "heatmap",
     "methods_vs_saving",
     "metric_label",

@@ -30,6 +30,7 @@ from probekit.errors import ProbekitError
 from probekit.io import remove_tree, replace_dir, write_json
 from probekit.report import sections as _sections  # noqa: F401  (registers the sections)
 from probekit.report import sections_evidence as _evidence  # noqa: F401  (MDL, the paired tests: after them)
+from probekit.report import study as _study  # noqa: F401  (registers its section, after those)
 from probekit.report.base import SECTIONS, Context, FigureItem, Section, TableItem, section
 from probekit.report.render import page_html, save_figure, summary_markdown
 from probekit.results import load_results
@@ -87,6 +88,7 @@ def make_context(
     metric: str = "acc",
     top: int = 4,
     title: str | None = None,
+    finetune_methods: Mapping[str, str] | None = None,
 ) -> Context:
     """Load the inputs and put the baseline model first, ready for :func:`make_sections`."""
     ReportConfig(split=split, metric=metric, top=top, title=title)  # checks the options
@@ -105,6 +107,7 @@ def make_context(
         results=df,
         baseline=base,
         finetune_tasks=analysis.finetune_tasks_of(df, finetune_tasks),
+        finetune_methods=dict(finetune_methods or {}),
         split=split,
         metric=metric,
         top=top,
@@ -191,6 +194,7 @@ def build_report(
     metric: str = "acc",
     top: int = 4,
     title: str | None = None,
+    finetune_methods: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``out/index.html``, ``out/figures/*.png|svg``, ``out/*.csv`` and ``out/summary.md``; return ``out``.
 
@@ -198,9 +202,17 @@ def build_report(
     side. ``baseline``: the pre-trained model's results; adds fine-tuned-minus-baseline deltas.
     ``finetune_tasks``: ``{model: GLUE task}`` for the fine-tuning-task grid (else a
     ``finetune_task`` column). ``split``: the probe split (default test, else dev). ``top``:
-    layers averaged in the aggregate grid.
+    layers averaged in the aggregate grid. ``finetune_methods``: ``{model: fine-tuning method}``; adds the
+    "which method forgets least" section (per-method deltas, mean absolute delta per layer, convexity).
     """
     ctx = make_context(
-        results, baseline, finetune_tasks, split, metric, top, title or f"probekit report: {Path(out).name}"
+        results,
+        baseline,
+        finetune_tasks,
+        split,
+        metric,
+        top,
+        title or f"probekit report: {Path(out).name}",
+        finetune_methods=finetune_methods,
     )
     return write_report(ctx, make_sections(ctx), out)

@@ -59,6 +59,8 @@ class Context:
     results: pd.DataFrame  # all results, baseline included (its model first)
     baseline: pd.DataFrame | None = None
     finetune_tasks: Mapping[str, str] = field(default_factory=dict)
+    finetune_methods: Mapping[str, str] = field(default_factory=dict)
+    """``{model: fine-tuning method}`` (variant slug), for the per-method study; empty when not known."""
     split: str | None = None
     metric: str = "acc"
     top: int = 4

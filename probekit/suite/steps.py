@@ -36,7 +36,7 @@ from probekit.probes import PROBE_KINDS
 from probekit.probes.layerwise import kind_config
 from probekit.probes.protocols import PROTOCOLS
 from probekit.report import MARKER, ReportConfig
-from probekit.suite.base import STEPS, Step, SuiteRun, SuiteStep, shown
+from probekit.suite.base import STAMPS, STEPS, Step, SuiteRun, SuiteStep, shown
 from probekit.suite.file import Suite, check_tasks
 
 
@@ -80,8 +80,13 @@ class FinetuneTable(Config):
 @dataclass(frozen=True)
 class CompareTable(Config):
     component = "[compare]"
-    variants: tuple[str, ...] = option(help="Variants fine-tuned for the comparison table only (not probed).")
+    variants: tuple[str, ...] = option(help="Variants fine-tuned for the comparison table (a+b composes).")
     tasks: tuple[str, ...] | None = option(None, "GLUE tasks (default: [finetune]'s).")
+    probe: bool = option(
+        True,
+        "Also extract and probe every compared checkpoint that keeps the model's depth (the 'which method "
+        "forgets least' study); false: the comparison table only.",
+    )
 
 
 def _variant_options() -> list[type[Config]]:
@@ -103,6 +108,7 @@ def _finetune(run: SuiteRun, step: str, variants: Sequence[Variant], tasks: Sequ
                 task,
                 s.finetune_dir,
                 variants=[variant],
+                strict=False,
                 max_train_samples=_per_task(ft.config.max_train_samples, task),  # type: ignore[attr-defined]
                 max_dev_samples=_per_task(ft.config.max_dev_samples, task),  # type: ignore[attr-defined]
                 data_dir=s.data_dir,
@@ -110,12 +116,15 @@ def _finetune(run: SuiteRun, step: str, variants: Sequence[Variant], tasks: Sequ
                 **train,
             )
             seeds = res.seeds
+            if not seeds:  # the variant does not apply to this task (a pair architecture on one sentence)
+                run.record(Step(step, f"{task}/{variant.slug}", "skipped", 0.0, "does not apply to this task"))
+                continue
             skipped = all(r.skipped for r in seeds)
             detail = ", ".join(f"seed {r.seed}: {r.metrics['metric']} {100 * r.value:.1f}" for r in seeds)
             seconds = 0.0 if skipped else round(time.perf_counter() - t0, 2)
             run.record(Step(step, f"{task}/{variant.slug}", "skipped" if skipped else "ran", seconds, detail))
             run.results.setdefault("finetune", [s.finetune_dir])
-            if probed:
+            if probed and variant.keeps_depth:
                 suffix = "" if variant.name == "plain" else f"-{variant.slug}"
                 for r in seeds:
                     run.models[f"{s.model_name}-{task}{suffix}-s{r.seed}"] = {
@@ -330,14 +339,22 @@ class ReportStep(SuiteStep):
         ReportConfig.from_mapping(self.options)
 
     def run(self, run: SuiteRun) -> None:
+        s = run.suite
+        if "compare" in s.steps and (s.out / STAMPS / "report-compare.json").is_file():
+            # a re-run: the [compare] step, which comes last, writes (or keeps) the report with all its models
+            run.record(Step("report", str(shown(s.report)), "skipped", 0.0, "the [compare] step writes the report"))
+            return
         write_report(run, ReportConfig.from_mapping(self.options))
 
 
-def write_report(run: SuiteRun, opts: ReportConfig) -> None:
+def write_report(run: SuiteRun, opts: ReportConfig, stamp: str = "report") -> None:
+    """Write the suite's report (stamped as ``stamp``: the [compare] step's report, made after its models, has
+    its own stamp, so that neither report's settings undo the other's on a re-run)."""
     s = run.suite
     base = s.results_dir(s.model_name)
     tuned = {n: m for n, m in run.models.items() if m["task"] is not None}
     mapping = {n: m["task"] for n, m in tuned.items()}
+    methods = {n: m["variant"] for n, m in tuned.items() if m.get("variant")}
     others = [p for key in ("mlm", "offramp") for p in run.results.get(key, [])]
     files = [base / "results.parquet"] + [s.results_dir(n) / "results.parquet" for n in tuned]
     files += [p / "results.parquet" for p in others]
@@ -346,6 +363,7 @@ def write_report(run: SuiteRun, opts: ReportConfig) -> None:
         "results": [sha256_file(f) for f in files if f.is_file()],
         "comparison": sha256_file(comparison) if comparison.is_file() else None,
         "finetune_tasks": mapping,
+        **({"finetune_methods": methods} if len(set(methods.values())) > 1 else {}),
         "options": opts.to_dict(),
         "title": s.title,
     }
@@ -358,6 +376,7 @@ def write_report(run: SuiteRun, opts: ReportConfig) -> None:
             s.report,
             baseline=shown(base) if tuned else None,
             finetune_tasks=mapping or None,
+            finetune_methods=methods if len(set(methods.values())) > 1 else None,
             split=opts.split,
             metric=opts.metric,
             top=opts.top,
@@ -370,13 +389,14 @@ def write_report(run: SuiteRun, opts: ReportConfig) -> None:
                     shutil.copyfile(src, tmp)
         return str(shown(s.report / "index.html"))
 
-    run.stamped("report", str(shown(s.report)), "report", settings, work, outputs=lambda _: [s.report / MARKER])
+    run.stamped("report", str(shown(s.report)), stamp, settings, work, outputs=lambda _: [s.report / MARKER])
 
 
 @STEPS.register("compare")
 class CompareStep(SuiteStep):
-    """The convexity paper's fixes, fine-tuned with the [finetune] settings for the comparison table only (not
-    probed); runs last, then the report again with the table."""
+    """Other fine-tuning methods (the convexity paper's fixes, BERTer's), fine-tuned with the [finetune] settings
+    for the comparison table and (``probe = true``, the default) extracted and probed like the [finetune]
+    checkpoints, so the report says which method forgets least; runs last, then the report again."""
 
     Config = CompareTable
     needs = ("finetune",)
@@ -393,7 +413,16 @@ class CompareStep(SuiteStep):
         self.variants = [make_variant(v, **self.options) for v in cfg.variants]
 
     def run(self, run: SuiteRun) -> None:
-        tasks = self.config.tasks or run.suite.steps["finetune"].config.tasks  # type: ignore[attr-defined]
-        _finetune(run, "compare", self.variants, tasks, probed=False)
+        cfg: CompareTable = self.config  # type: ignore[assignment]
+        tasks = cfg.tasks or run.suite.steps["finetune"].config.tasks  # type: ignore[attr-defined]
+        before = set(run.models)
+        probe = run.suite.steps.get("probe")
+        _finetune(run, "compare", self.variants, tasks, probed=cfg.probe and probe is not None)
+        new = [n for n in run.models if n not in before]
+        if isinstance(probe, ProbeStep):  # the study: every compared method is probed as the others were
+            for name in new:
+                probe._extract(run, name, run.models[name]["path"])
+            for name in new:
+                probe._probe(run, name)
         step = run.suite.steps.get("report")
-        write_report(run, ReportConfig.from_mapping(step.options if step else {}))
+        write_report(run, ReportConfig.from_mapping(step.options if step else {}), stamp="report-compare")
