@@ -85,10 +85,8 @@ def run_size(n: int, tasks: list[str], args: argparse.Namespace, py: list[str]) 
     for i, task in enumerate(tasks):
         data = resample(args.data_dir / "senteval" / "probing" / f"{task}.txt", n, work / "data" / f"{task}.txt", i)
         out = work / "caches"
-        step = measured(
-            [*py, "extract", "--model", str(args.model), "--name", "minilm", "--task", str(data), "--out", str(out)]
-            + ["--device", "cpu", "--quiet"]
-        )
+        cmd = [*py, "extract", "--model", str(args.model), "--name", "minilm", "--task", str(data)]
+        step = measured([*cmd, "--out", str(out), "--device", "cpu", "--quiet"])
         [cache_dir] = [p for p in find_caches(out) if LayerCache.open(p).task == data.stem]
         cache = LayerCache.open(cache_dir)
         step["sent_s"] = n / step["wall_s"]
@@ -98,10 +96,8 @@ def run_size(n: int, tasks: list[str], args: argparse.Namespace, py: list[str]) 
         print(f"  n={n} extract {task}: {fmt(step)}", flush=True)
     f32 = features_mib(caches[0])
     for k in sorted({1, len(caches)}):
-        step = measured(
-            [*py, "probe", *(str(c.path) for c in caches[:k]), "--out", str(work / f"results{k}")]
-            + ["--device", "cpu", "--seeds", "1", "--quiet"]
-        )
+        cmd = [*py, "probe", *(str(c.path) for c in caches[:k]), "--out", str(work / f"results{k}")]
+        step = measured([*cmd, "--device", "cpu", "--seeds", "1", "--quiet"])
         step["sent_s"] = k * n / step["wall_s"]
         step["rss_over_f32"] = step["peak_rss_mib"] / f32
         results[f"probe {k} cache(s)"] = step
