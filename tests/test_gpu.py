@@ -115,7 +115,9 @@ def test_half_precision_extraction_error_and_probe_accuracy(
     assert moved.mean() <= 2.0, moved
 
 
-def test_out_of_memory_backoff_is_exercised(model4: Path, monkeypatch: pytest.MonkeyPatch, record_property: Record):
+def test_out_of_memory_backoff_is_exercised(
+    model4: Path, monkeypatch: pytest.MonkeyPatch, record_property: Record
+) -> None:
     """With the process's GPU memory capped below what the first batch needs, the runner halves the batch
     (the first size fails for real) and still returns the uncapped features."""
     bb = load_backbone(model4, device="cuda", dtype="float32")
@@ -196,7 +198,9 @@ def test_probe_runner_on_gpu_same_cache(model4: Path, tmp_path: Path) -> None:
     for device in ("cpu", "cuda"):
         r = probe(cache, device=device, progress=False).results
         rows[device] = r[r.metric.isin(["acc", "control_acc"])].sort_values(["split", "metric", "layer"])
-    np.testing.assert_allclose(rows["cuda"]["value"].to_numpy(), rows["cpu"]["value"].to_numpy(), atol=1.5 / 250)
+    np.testing.assert_allclose(
+        rows["cuda"]["value"].to_numpy(), rows["cpu"]["value"].to_numpy(), atol=1.5 / 150
+    )  # one dev (150) or test (250) text
 
 
 def test_mlm_heads_a_few_steps_match_cpu(model4: Path, texts: list[str], record_property: Record) -> None:
@@ -263,7 +267,7 @@ def test_torchrun_one_process_nccl_cache_is_byte_identical(model4: Path, tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     args = ["-m", "probekit", "extract", "--model", str(model4), "--task", str(task), "--device", "cuda", "--quiet"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29517"]
-    for name, cmd in (("plain", [sys.executable, *args]), ("torchrun", [*launcher, *args[1:]])):
+    for name, cmd in (("plain", [sys.executable, *args]), ("torchrun", [*launcher, *args])):
         done = subprocess.run([*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
     [a], [b] = (list((tmp_path / n).glob("*/*/manifest.json")) for n in ("plain", "torchrun"))
