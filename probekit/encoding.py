@@ -19,13 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from probekit.backbone import Backbone
-from probekit.data.tokens import Tokenized
+from probekit.data.tokens import Ragged, Tokenized
 from probekit.errors import ParamError, ProbekitError
 from probekit.registry import Registry
 
 CPU_MAX_TOKENS = 8192
 GPU_MAX_TOKENS = 65536
 MAX_BATCH = 512
+TOKENIZE_CHUNK = 4096
 
 PoolFn = Callable[[Sequence[torch.Tensor], torch.Tensor, torch.Tensor, bool], torch.Tensor]
 """``(hidden_states, attention_mask, special_tokens_mask, include_special) -> pooled`` (float32)."""
@@ -95,22 +96,34 @@ class Timings:
 def tokenize(
     tokenizer: Any, texts: Sequence[str], text_pairs: Sequence[str] | None = None, max_length: int = 128
 ) -> Tokenized:
-    """Tokenise without padding, truncating to ``max_length`` tokens (specials included)."""
+    """Tokenise without padding, truncating to ``max_length`` tokens (specials included).
+
+    In chunks of :data:`TOKENIZE_CHUNK` texts, each stored compactly (:class:`~probekit.data.tokens.Ragged`)
+    before the next: one call over 100k texts would hold every text's tokenizer output at once (about
+    5 KB a text)."""
     if max_length < 2:
         raise ParamError("max_length", f"must be at least 2, got {max_length}")
-    enc = tokenizer(
-        list(texts),
-        list(text_pairs) if text_pairs is not None else None,
-        truncation=True,
-        max_length=max_length,
-        padding=False,
-        return_special_tokens_mask=True,
-        return_attention_mask=False,
-    )
-    ids = enc["input_ids"]
-    types = enc.get("token_type_ids") if "token_type_ids" in tokenizer.model_input_names else None
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    return Tokenized(ids, types, enc["special_tokens_mask"], lengths)
+    use_types = "token_type_ids" in tokenizer.model_input_names
+    ids, types, special = [], [], []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        stop = start + TOKENIZE_CHUNK
+        enc = tokenizer(
+            list(texts[start:stop]),
+            list(text_pairs[start:stop]) if text_pairs is not None else None,
+            truncation=True,
+            max_length=max_length,
+            padding=False,
+            return_special_tokens_mask=True,
+            return_attention_mask=False,
+        )
+        ids.append(Ragged.from_rows(enc["input_ids"], np.int32))
+        special.append(Ragged.from_rows(enc["special_tokens_mask"], np.int8))
+        if use_types and enc.get("token_type_ids") is not None:
+            types.append(Ragged.from_rows(enc["token_type_ids"], np.int32))
+        del enc
+    input_ids = Ragged.concat(ids)
+    lengths = np.diff(input_ids.offsets)
+    return Tokenized(input_ids, Ragged.concat(types) if types else None, Ragged.concat(special), lengths)
 
 
 def plan_batches(

@@ -37,6 +37,7 @@ from probekit.cache import (
     cache_key,
     count_nonfinite,
     read_manifest,
+    release_pages,
 )
 from probekit.config import Config, option
 from probekit.data import Task, TaskData, load_task
@@ -321,6 +322,7 @@ def _run_batches(
             feats = run(idx)
             t0 = time.perf_counter()
             places[split].put(features, feats.numpy(), idx)
+            writer.wrote(split, len(feats))
             if time.perf_counter() - last >= CHECKPOINT_SECONDS or j == len(batch_ids) - 1:
                 writer.checkpoint(split, j + 1)
                 last = time.perf_counter()
@@ -482,7 +484,10 @@ def _merge_shards(
                 for start in range(0, len(order), 4096):  # bounded memory
                     idx = order[start : start + 4096]
                     lo = int(src.offsets[start]) if src.offsets is not None else start
-                    place.put(writer.arrays[name]["features"], np.asarray(feats[lo : lo + src.rows(idx)]), idx)
+                    block = np.asarray(feats[lo : lo + src.rows(idx)])
+                    place.put(writer.arrays[name]["features"], block, idx)
+                    writer.wrote(name, len(block))
+                    release_pages(feats)
         shard_info = [read_json(s / MANIFEST) for s in shards]
         _finalize(
             job,
@@ -511,6 +516,7 @@ def _finalize(
     manifest = _manifest(job, settings, inputs, nonfinite)
     if shards is not None:
         manifest["shards"] = shards
+    manifest["memory"] = {"write_buffer_bytes": writer.buffer_bytes, "peak_pending_bytes": writer.peak_pending_bytes}
     job.timings.write += time.perf_counter() - t0
     manifest["timings"] = {**job.timings.as_dict(), "total": time.perf_counter() - started}
     writer.finalize(manifest)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import make_tiny_bert, toy_senteval
 
@@ -16,6 +17,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _shared_data() -> Path:
     return Path(os.environ.get("PROBEKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+GPU_SKIP_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False); run `make gpu-check` on a GPU machine"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason, where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from probekit.backbone import resolve_device
+from probekit.cache import release_pages
 from probekit.errors import ParamError, ProbekitError
 from probekit.metrics import wilson
 from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind, name_of
@@ -47,6 +48,7 @@ def layer_major(X: Any, layers: Sequence[int] | None, device: torch.device) -> t
     for r in range(0, X.shape[0], step):  # contiguous row blocks: sequential reads of a memory map
         block = torch.from_numpy(np.array(X[r : r + step])).to(device).float()  # a writable copy
         out[:, r : r + step] = block[:, layers].transpose(0, 1)
+        release_pages(X)  # the map's pages read so far are not kept resident beside the copy
     return out
 
 
