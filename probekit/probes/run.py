@@ -38,9 +38,9 @@ from probekit.paths import claim_output
 from probekit.probes.base import ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, resolve_kind
 from probekit.probes.order import cache_order
+from probekit.probes.predictions import FOLDER, file_name, from_probe, save_predictions
 from probekit.probes.protocols import PROTOCOLS, Protocol, make_protocol, protocol_of
 from probekit.probes.tuned import TunedProbe
-from probekit.probes.predictions import FOLDER, file_name, from_probe, save_predictions
 from probekit.results import PARQUET, load_results, save_results, tidy
 from probekit.runs import Run
 
