@@ -27,6 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from probekit.errors import ProbekitError
+from probekit.probes.protocols import curve_probe
 
 CURVE = ("model", "probe", "pool", "task")
 """What identifies one layerwise curve."""
@@ -92,8 +93,7 @@ def probe_rows(results: pd.DataFrame, split: str | None = None, metric: str | No
         if col not in rows.columns:
             rows[col] = None
     if "protocol" in rows.columns:  # a protocol other than the linear probe's own names its curves
-        named = rows["protocol"].notna() & (rows["protocol"] != "senteval-sklearn")
-        rows["probe"] = rows["probe"].astype(object).where(~named, rows["protocol"])
+        rows["probe"] = [curve_probe(p, q) for p, q in zip(rows["probe"], rows["protocol"], strict=True)]
     for col in ("layer", "value", "ci_low", "ci_high", "n", "seed", "max_length"):
         rows[col] = pd.to_numeric(rows[col])
     _check_identity(rows)

@@ -366,7 +366,7 @@ def test_report_in_headless_chromium(made: dict) -> None:
             browser.close()
     (out / "screenshot.png").write_bytes(base64.b64decode(shot["data"]))
     assert title == "probekit report: study"
-    assert len(images) == 10
+    assert len(images) == 11
     broken = [alt for alt, complete, width in images if not complete or width <= 0]
     assert not broken, f"images that did not load: {broken}"
     assert not problems(browser.events), problems(browser.events)

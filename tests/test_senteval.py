@@ -29,6 +29,7 @@ from probekit.errors import ConvergenceWarning, ProbekitError
 from probekit.extraction import extract
 from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.order import cache_order
+from probekit.probes.predictions import load_predictions
 from probekit.results import load_results, validate
 from probekit.senteval import cache_batcher, load_senteval, model_batcher, run_engine
 from probekit.suite import load_suite, run_suite
@@ -268,6 +269,24 @@ def test_every_protocol_fits_writes_valid_rows_and_resumes(name: str, tiny_model
     assert again.details["reused"] == 1 and again.details["fitted"] == 0
     if name != "senteval-sklearn":
         assert set(run.results["probe"]) == {"mlp"}
+
+
+def test_protocols_of_one_kind_keep_their_own_predictions(tiny_model: Path, tmp_path: Path) -> None:
+    """conneau2018 and jawahar2019 are both MLP probes: one OUT keeps a predictions file per protocol, and
+    each file's per-layer test accuracy is the one its rows report."""
+    (cache,) = extract(tiny_model, [toy_senteval(tmp_path / "t.txt")], out=tmp_path / "c", pool="cls", progress=False)
+    out = tmp_path / "r"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for name in ("conneau2018", "jawahar2019"):
+            probekit.probe(cache, protocol=name, device="cpu", progress=False, out=out, max_epoch=4)
+    preds = {p.probe: p for p in load_predictions(out)}
+    assert set(preds) == {"conneau2018", "jawahar2019"}
+    rows = load_results(out)
+    for name, p in preds.items():
+        acc = rows[(rows["protocol"] == name) & (rows["split"] == "test") & (rows["metric"] == "acc")]
+        by_layer = acc.set_index("layer")["value"]
+        assert p.accuracy("test") == pytest.approx(by_layer.loc[p.layers].to_numpy())
 
 
 def test_a_suite_probes_with_a_protocol(tiny_model: Path, tmp_path: Path) -> None:

@@ -153,6 +153,13 @@ def make_protocol(name: str | Protocol, **options: Any) -> Protocol:
     return cls(cls.Config.from_mapping(options))
 
 
+def curve_probe(probe: Any, protocol: Any) -> Any:
+    """The name a fit's curve goes by: its protocol's, unless that is the linear probe's own default (so two
+    protocols of one probe kind are two curves, in the analyses and in the predictions files alike)."""
+    named = isinstance(protocol, str) and protocol != "senteval-sklearn"
+    return protocol if named else probe
+
+
 def protocol_of(kind: str) -> str | None:
     """The protocol recorded for a fit made without one: ``senteval-sklearn`` for the linear probe."""
     return "senteval-sklearn" if kind == "linear" else None

@@ -70,6 +70,10 @@ class TunedProbe(LayerwiseProbe):
             out["control"] = np.stack([e["control"] for e in each])[self.choice_[:, 1], idx]
         return out
 
+    def correct_each(self, X: Any, y: Any, split: str = "input") -> np.ndarray:
+        each = np.stack([m.correct_each(X, y, split) for m in self.members_])  # [C, L, M]
+        return each[self.choice_[:, 0], np.arange(len(self.layers_))]
+
     def predict(self, X: Any, control: bool = False) -> np.ndarray:
         preds = np.stack([m.predict(X, control=control) for m in self.members_])  # [C, L, M]
         return preds[self.choice_[:, 1 if control else 0], np.arange(len(self.layers_))]
