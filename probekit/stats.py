@@ -93,6 +93,14 @@ def holm(p: Sequence[float] | np.ndarray) -> np.ndarray:
     return out
 
 
+def _with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with ``p_holm``: Holm's adjustment of ``p`` within each model, probe and pooling."""
+    table["p_holm"] = np.nan
+    for _, idx in table.groupby(["model", "probe", "pool"], dropna=False).groups.items():
+        table.loc[idx, "p_holm"] = holm(table.loc[idx, "p"].to_numpy())
+    return table
+
+
 def _groups(preds: Sequence[Predictions], keys: tuple[str, ...]) -> dict[tuple[Any, ...], list[Predictions]]:
     groups: dict[tuple[Any, ...], list[Predictions]] = {}
     for p in preds:
@@ -164,10 +172,7 @@ def convexity_tests(
         )
     if not rows:
         raise ProbekitError("no predictions to test; run probekit probe with --out (it stores them in OUT/predictions)")
-    table = pd.DataFrame(rows)
-    table["p_holm"] = np.nan
-    for _, idx in table.groupby(["model", "probe", "pool"], dropna=False).groups.items():
-        table.loc[idx, "p_holm"] = holm(table.loc[idx, "p"].to_numpy())
+    table = _with_holm(pd.DataFrame(rows))
     table["significant"] = (table["p_holm"] < alpha) & (table["drop"] > 0)
     cols = [c for c in table.columns if c not in ("p_holm", "significant", "peak_share", "argmax_share")]
     return table[[*cols, "p_holm", "significant", "peak_share", "argmax_share"]]
@@ -218,9 +223,6 @@ def delta_tests(
             )
     if not rows:
         raise ProbekitError("no fine-tuned predictions match a pre-trained one (same task, probe, pooling and data)")
-    table = pd.DataFrame(rows)
-    table["p_holm"] = np.nan
-    for _, idx in table.groupby(["model", "probe", "pool"], dropna=False).groups.items():
-        table.loc[idx, "p_holm"] = holm(table.loc[idx, "p"].to_numpy())
+    table = _with_holm(pd.DataFrame(rows))
     table["significant"] = table["p_holm"] < alpha
     return table

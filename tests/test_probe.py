@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,10 @@ from probekit.probes import wilson
 from probekit.probes.table import layer_table
 from tests.helpers import toy_senteval
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
+
 runner = CliRunner()
 GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These problems are tiny: on a shared CPU, thread synchronisation would cost more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def planted(n: int, layers: int, dim: int, signal_layer: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

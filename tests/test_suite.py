@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import transformers
 from typer.testing import CliRunner
 
+import probekit.extraction
+import probekit.probes
+import probekit.report
 from probekit import load_results
 from probekit.cli import app
 from probekit.errors import DataError
@@ -57,6 +61,23 @@ def write_suite(root: Path, model: Path, text: str = SUITE) -> Path:
     return path
 
 
+def assert_second_run_does_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished suite run again trains, extracts, probes and reports nothing (each of them would raise)."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the second run did work")
+
+    for owner, name in [
+        (transformers.Trainer, "train"),
+        (probekit.extraction, "extract"),
+        (probekit.probes, "probe"),
+        (probekit.report, "build_report"),
+    ]:
+        monkeypatch.setattr(owner, name, forbidden)
+    again = run_suite(path, progress=False)
+    assert set(statuses(again).values()) == {"skipped"} and again.ran == []
+
+
 def statuses(run) -> dict[tuple[str, str], str]:  # type: ignore[no-untyped-def]
     return {(s.step, s.target): s.status for s in run.steps}
 
@@ -90,25 +111,7 @@ def test_suite_runs_end_to_end_then_does_nothing(tiny_model: Path, tmp_path: Pat
     timings = (study / "timings.json").read_text()
     assert "extract tiny-cola-s0" in timings and "report" in timings
 
-    # a second run does no work: nothing trains, extracts, probes or reports
-    import transformers
-
-    import probekit.extraction
-    import probekit.probes
-    import probekit.report
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the second run did work")
-
-    for owner, name in [
-        (transformers.Trainer, "train"),
-        (probekit.extraction, "extract"),
-        (probekit.probes, "probe"),
-        (probekit.report, "build_report"),
-    ]:
-        monkeypatch.setattr(owner, name, forbidden)
-    again = run_suite(path, progress=False)
-    assert set(statuses(again).values()) == {"skipped"} and again.ran == []
+    assert_second_run_does_nothing(path, monkeypatch)
 
     # an interrupted study resumes: a missing probe result is redone, and the report after it
     monkeypatch.undo()

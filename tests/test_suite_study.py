@@ -7,15 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import transformers
 
-import probekit.extraction
-import probekit.probes
-import probekit.report
 from probekit import load_results
 from probekit.analysis import probe_rows
 from probekit.suite import run_suite
-from tests.test_suite import SUITE, statuses, write_suite
+from tests.test_suite import SUITE, assert_second_run_does_nothing, statuses, write_suite
 
 STUDY = SUITE.replace(
     '[compare]\nvariants = ["drop-layers"]\ndrop = 1',
@@ -52,15 +48,4 @@ def test_the_study_probes_every_method_and_reports_who_forgets_least(
     assert "convexity_by_method.csv" in {p.name for p in report.iterdir()}
     assert "| smart-l3 |" in (report / "finetune.md").read_text()
 
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the second run did work")
-
-    for owner, name in [
-        (transformers.Trainer, "train"),
-        (probekit.extraction, "extract"),
-        (probekit.probes, "probe"),
-        (probekit.report, "build_report"),
-    ]:
-        monkeypatch.setattr(owner, name, forbidden)
-    again = run_suite(path, progress=False)
-    assert set(statuses(again).values()) == {"skipped"} and again.ran == []
+    assert_second_run_does_nothing(path, monkeypatch)

@@ -53,21 +53,18 @@ def finetune(
     job = JobOptions.from_mapping(given)
     multi, rest = split_options(rest, MultitaskOptions)
     mt = MultitaskOptions.from_mapping(multi)
+    common = {
+        "seeds": job.seeds,
+        "variants": variant,
+        "data_dir": data_dir,
+        "threads": job.threads or None,
+        "fresh": fresh,
+        "progress": not quiet,
+        **rest,
+    }
     if mt.multitask:
         with writing(out):
-            result = finetune_multitask(
-                model,
-                task,
-                out,
-                seeds=job.seeds,
-                variants=variant,
-                task_sampling=mt.task_sampling,
-                data_dir=data_dir,
-                threads=job.threads or None,
-                fresh=fresh,
-                progress=not quiet,
-                **rest,
-            )
+            result = finetune_multitask(model, task, out, task_sampling=mt.task_sampling, **common)
         print_table(
             [
                 {
@@ -87,18 +84,7 @@ def finetune(
     if multi.get("task_sampling") is not None:
         typer.echo("note: --task-sampling applies with --multitask only", err=True)
     with writing(out):
-        result = run_finetune(
-            model,
-            task,
-            out,
-            seeds=job.seeds,
-            variants=variant,
-            data_dir=data_dir,
-            threads=job.threads or None,
-            fresh=fresh,
-            progress=not quiet,
-            **rest,
-        )
+        result = run_finetune(model, task, out, **common)
     print_table(
         [
             {

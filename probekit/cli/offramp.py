@@ -73,29 +73,31 @@ def offramp(
     )
     methods = parse_methods(mode)
     seed_list = _seeds(seeds)
-    if len(methods) > 1 or seed_list is not None:
-        with writing(out):
-            run = run_comparison(
-                model,
-                task,
-                out,
-                methods,
-                seeds=seed_list or [int(options.pop("seed", 0))],
-                policies=policies,
-                data_dir=data_dir,
-                device=device,
-                name=name,
-                cache_dir=cache_dir,
-                trust_remote_code=trust_remote_code,
-                fresh=fresh,
-                progress=not quiet,
-                **options,
-            )
-        if figures is not None:
-            stem = slug(f"offramp_{run.results['task'].iloc[0]}_{run.results['model'].iloc[0]}_comparison")
-            for path in save_figures(run.results, figures, stem=stem):
-                typer.echo(f"figure: {path}")
-        table = run.details["native"]
+    common = {
+        "policies": policies,
+        "data_dir": data_dir,
+        "device": device,
+        "name": name,
+        "cache_dir": cache_dir,
+        "trust_remote_code": trust_remote_code,
+        "fresh": fresh,
+        "progress": not quiet,
+        **options,
+    }
+    compare = len(methods) > 1 or seed_list is not None
+    with writing(out):
+        if compare:
+            seed_list = seed_list or [int(common.pop("seed", 0))]
+            run = run_comparison(model, task, out, methods, seeds=seed_list, **common)
+        else:
+            run = run_offramp(model, task, out, mode=methods[0], **common)
+    df = run.results
+    paths = []
+    if figures is not None:
+        label = "comparison" if compare else str(df["mode"].iloc[0])
+        stem = slug(f"offramp_{df['task'].iloc[0]}_{df['model'].iloc[0]}_{label}")  # names never reach a path
+        paths = save_figures(df, figures, stem=stem)
+    if compare:
         print_table(
             [
                 {
@@ -107,38 +109,17 @@ def offramp(
                     "exp. speed-up": f"{r.expected_speedup:.2f}x",
                     "meas. speed-up": f"{r.measured_speedup:.2f}x",
                 }
-                for r in table.itertuples()
+                for r in run.details["native"].itertuples()
             ],
             title="comparison: each method's own exit policy, threshold chosen on held-out (all: comparison.csv)",
         )
-        typer.echo(f"results: {out}\ncomparison: {run.paths['comparison']}")
-        return
-    with writing(out):
-        run = _run(
-            model,
-            task,
-            out,
-            methods[0],
-            policies,
-            data_dir,
-            device,
-            name,
-            cache_dir,
-            trust_remote_code,
-            fresh,
-            quiet,
-            options,
-        )
-    df = run.results
-    paths = []
-    method = str(df["mode"].iloc[0])
-    if figures is not None:
-        stem = slug(f"offramp_{df['task'].iloc[0]}_{df['model'].iloc[0]}_{method}")  # names never reach a path
-        paths = save_figures(df, figures, stem=stem)
-    per_layer, best = summarize(df)
-    print_table(per_layer, title="metric by exit layer")
-    print_table(best, title="best threshold per policy")
+    else:
+        per_layer, best = summarize(df)
+        print_table(per_layer, title="metric by exit layer")
+        print_table(best, title="best threshold per policy")
     typer.echo(f"results: {out}" + "".join(f"\nfigure: {p}" for p in paths))
+    if compare:
+        typer.echo(f"comparison: {run.paths['comparison']}")
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -148,35 +129,3 @@ def _seeds(text: str | None) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ParamError("seeds", f"must be comma-separated integers, got {text!r}") from None
-
-
-def _run(
-    model: str,
-    task: str,
-    out: Path,
-    mode: str,
-    policies: str,
-    data_dir: Path | None,
-    device: str,
-    name: str | None,
-    cache_dir: Path | None,
-    trust_remote_code: bool,
-    fresh: bool,
-    quiet: bool,
-    options: dict[str, Any],
-) -> Any:
-    return run_offramp(
-        model,
-        task,
-        out,
-        mode=mode,
-        policies=policies,
-        data_dir=data_dir,
-        device=device,
-        name=name,
-        cache_dir=cache_dir,
-        trust_remote_code=trust_remote_code,
-        fresh=fresh,
-        progress=not quiet,
-        **options,
-    )

@@ -84,16 +84,21 @@ def probe(
     console.print(f"results: {out}")
 
 
-def print_summary(results: pd.DataFrame, console: Console, split: str = "test") -> None:
-    """Test accuracy, tasks in rows and layers in columns, in as many tables as the terminal's width needs."""
-    console.print(table_title(results, split))
-    for part in fit_width(task_table(results, split), console.width):
+def _print_wide(cells: list[dict[str, str]], console: Console) -> None:
+    """Rows of a tasks x layers table, split into as many tables as the terminal's width needs."""
+    for part in fit_width(cells, console.width):
         table = Table(show_lines=False)
         for col in part[0]:
             table.add_column(col, no_wrap=True, justify="left" if col == "task" else "right")
         for row in part:
             table.add_row(*row.values())
         console.print(table)
+
+
+def print_summary(results: pd.DataFrame, console: Console, split: str = "test") -> None:
+    """Test accuracy, tasks in rows and layers in columns, in as many tables as the terminal's width needs."""
+    console.print(table_title(results, split))
+    _print_wide(task_table(results, split), console)
 
 
 def print_compression(results: pd.DataFrame, console: Console) -> None:
@@ -116,10 +121,4 @@ def print_compression(results: pd.DataFrame, console: Console) -> None:
         }
         for task in dict.fromkeys(rows["task"])
     ]
-    for part in fit_width(cells, console.width):
-        table = Table(show_lines=False)
-        for col in part[0]:
-            table.add_column(col, no_wrap=True, justify="left" if col == "task" else "right")
-        for row in part:
-            table.add_row(*row.values())
-        console.print(table)
+    _print_wide(cells, console)

@@ -56,7 +56,6 @@ from probekit.finetune.train import (
     DATA_SEED,
     GRIDS,
     METRICS_FILE,
-    OPTIMIZERS,
     RESULT_FILE,
     Grid,
     SeedResult,
@@ -72,6 +71,7 @@ from probekit.finetune.train import (
     load_tokenizer,
     prepare_data,
     resume_seed,
+    training_arguments,
 )
 from probekit.finetune.variants import Variant
 from probekit.io import _UMASK, read_json, remove_tree, replace_dir, write_json
@@ -381,7 +381,7 @@ def _run(
     max_length: int,
 ) -> dict[str, Any]:
     # deferred: transformers is heavy (seconds), needed only to train
-    from transformers import AutoModel, PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import AutoModel, PrinterCallback, Trainer, set_seed
 
     done = run_dir / RESULT_FILE
     if done.is_file():
@@ -405,37 +405,22 @@ def _run(
     ]
     precision = _precision(opts.precision, opts.device)
     ckpt_dir = run_dir / "checkpoints"
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
+    args = training_arguments(
+        opts,
+        ckpt_dir,
+        seed,
+        lr,
+        precision,
         per_device_train_batch_size=1,
         per_device_eval_batch_size=1,
-        learning_rate=lr,
         max_steps=len(plan),
-        weight_decay=opts.weight_decay,
-        warmup_steps=opts.warmup_ratio,
-        lr_scheduler_type="linear",
         eval_strategy="steps",
         save_strategy="steps",
         eval_steps=per_epoch,
         save_steps=per_epoch,
-        load_best_model_at_end=True,
         metric_for_best_model="mean",
-        greater_is_better=True,
-        save_total_limit=2,
-        logging_strategy="steps",
         logging_steps=opts.logging_steps or max(1, per_epoch // 10),
-        seed=seed,
-        data_seed=seed,
         train_sampling_strategy="sequential",
-        optim=OPTIMIZERS[opts.optimizer],
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
-        use_cpu=opts.device == "cpu" or not torch.cuda.is_available(),
-        report_to="none",
-        disable_tqdm=not opts.progress,
-        dataloader_num_workers=0,
-        label_names=["labels"],
-        remove_unused_columns=False,
     )
     trainer = Trainer(
         model=model,

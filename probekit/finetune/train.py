@@ -351,12 +351,44 @@ class _FinetuneJob:
     paper's checkpoint rule."""
 
 
+def training_arguments(
+    opts: TrainOptions, ckpt_dir: Path, seed: int, lr: float, precision: str, **specific: Any
+) -> Any:
+    """The ``TrainingArguments`` every fine-tuning shares (linear schedule, best checkpoint kept, seeds, precision,
+    no reporting) with the run's own batch sizes, lengths and evaluation schedule in ``specific``."""
+    from transformers import TrainingArguments  # deferred: transformers is heavy (seconds), needed only to train
+
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        learning_rate=lr,
+        weight_decay=opts.weight_decay,
+        warmup_steps=opts.warmup_ratio,
+        lr_scheduler_type="linear",
+        load_best_model_at_end=True,
+        greater_is_better=True,
+        save_total_limit=2,
+        logging_strategy="steps",
+        seed=seed,
+        data_seed=seed,
+        optim=OPTIMIZERS[opts.optimizer],
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        use_cpu=opts.device == "cpu" or not torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=not opts.progress,
+        dataloader_num_workers=0,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        **specific,
+    )
+
+
 def run_config(
     job: _FinetuneJob, seed: int, batch_size: int, lr: float, run_dir: Path, settings: dict[str, Any]
 ) -> dict:
     """Train one configuration (resuming its checkpoints); return its ``result.json`` contents."""
     # deferred: transformers is heavy (seconds), needed only to train
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
     done = run_dir / RESULT_FILE
     if done.is_file():  # the seed's stamp (checked by the caller) covers its configurations
@@ -372,37 +404,22 @@ def run_config(
     by_steps = opts.max_steps is not None
     every = opts.eval_steps or opts.max_steps or steps_per_epoch
     ckpt_dir = run_dir / "checkpoints"
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
+    args = training_arguments(
+        opts,
+        ckpt_dir,
+        seed,
+        lr,
+        precision,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=max(64, batch_size),
-        learning_rate=lr,
         num_train_epochs=opts.n_epochs,
         max_steps=opts.max_steps or -1,
-        weight_decay=opts.weight_decay,
-        warmup_steps=opts.warmup_ratio,
-        lr_scheduler_type="linear",
         eval_strategy="steps" if by_steps else "epoch",
         save_strategy="steps" if by_steps else "epoch",
         eval_steps=every if by_steps else None,
         save_steps=every if by_steps else 500,
-        load_best_model_at_end=True,
         metric_for_best_model="paper" if paper else job.metric,
-        optim=OPTIMIZERS[opts.optimizer],
-        greater_is_better=True,
-        save_total_limit=2,
-        logging_strategy="steps",
         logging_steps=opts.logging_steps or max(1, steps_per_epoch // 10),
-        seed=seed,
-        data_seed=seed,
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
-        use_cpu=opts.device == "cpu" or not torch.cuda.is_available(),
-        report_to="none",
-        disable_tqdm=not opts.progress,
-        dataloader_num_workers=0,
-        label_names=["labels"],
-        remove_unused_columns=False,
     )
     trainer = Trainer(
         model=model,

@@ -23,7 +23,7 @@ through :func:`~probekit.offramp.train.train_phases`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,8 +93,37 @@ def ponder_objective(
     return ponder_loss(halting(states), losses, beta, prior)
 
 
-def _common_args(common: dict[str, Any]) -> dict[str, Any]:
-    return {k: common[k] for k in ("input_names", "device", "progress", "fresh")} | {"key_extra": common["key_extra"]}
+def _train(
+    method: _FineTuning,
+    job: TrainingJob,
+    setup: tuple[OffRampHeads, nn.Module, Any, dict[str, Any]],
+    phases: list[Phase] | Callable[[Sequence[torch.Tensor], torch.Tensor, int], torch.Tensor],
+    others: dict[str, tuple[nn.Module, float]] | None = None,
+    **kw: Any,
+) -> list[float]:
+    """:func:`train_phases` of one method on the train split, checkpointed in OUT/checkpoint-<method>:
+    ``setup`` is :meth:`_FineTuning._setup`'s; ``phases`` a list, or one loss trained for the method's
+    epochs; the off-ramps learn at ``head_lr`` and each of ``others`` (name: module, learning rate) at its own."""
+    heads, encoder, tok, common = setup
+    cfg: Any = method.options
+    if callable(phases):
+        phases = [Phase(method.name, cfg.n_epochs(finetune=True), phases)]
+    modules = {"heads": heads, **{name: m for name, (m, _) in (others or {}).items()}}
+    groups = [(list(heads.parameters()), cfg.head_lr)]
+    groups += [(list(m.parameters()), lr) for m, lr in (others or {}).values()]
+    return train_phases(
+        encoder,
+        nn.ModuleDict(modules),
+        groups,
+        phases,
+        tok,
+        job.data.splits["train"].labels,
+        common["pad_id"],
+        cfg,
+        checkpoint=job.out / f"checkpoint-{method.name}",
+        **{k: common[k] for k in ("input_names", "device", "progress", "fresh", "key_extra")},
+        **kw,
+    )
 
 
 def _finish(
@@ -113,25 +142,13 @@ class PABEEMethod(_FineTuning):
     exit_policies = ("patience",)
 
     def train(self, job: TrainingJob) -> Trained:
-        heads, encoder, tok, common = self._setup(job)
-        train = job.data.splits["train"]
+        setup = self._setup(job)
+        heads, encoder = setup[:2]
 
         def loss(hs: Sequence[torch.Tensor], y: torch.Tensor, step: int) -> torch.Tensor:
             return pabee_loss(per_layer_loss(all_outputs(heads, hs), y, heads.regression))
 
-        phases = [Phase("pabee", self.options.n_epochs(finetune=True), loss)]
-        history = train_phases(
-            encoder,
-            nn.ModuleDict({"heads": heads}),
-            [(list(heads.parameters()), self.options.head_lr)],
-            phases,
-            tok,
-            train.labels,
-            common["pad_id"],
-            self.options,
-            checkpoint=job.out / f"checkpoint-{self.name}",
-            **_common_args(common),
-        )
+        history = _train(self, job, setup, loss)
         return _finish(job, self.name, heads, encoder, {"pabee": history})
 
 
@@ -150,26 +167,16 @@ class BERxiTMethod(_FineTuning):
     config_class = BERxiTConfig
 
     def train(self, job: TrainingJob) -> Trained:
-        heads, encoder, tok, common = self._setup(job)
-        cfg, train = self.options, job.data.splits["train"]
+        setup = self._setup(job)
+        heads, encoder = setup[:2]
+        cfg = self.options
         lte = LTE(job.backbone.hidden_size).to(job.backbone.device)
         alternating = bool(getattr(cfg, "alternating", True))
 
         def loss(hs: Sequence[torch.Tensor], y: torch.Tensor, step: int) -> torch.Tensor:
             return berxit_loss(heads, lte, hs, y, last_only=alternating and step % 2 == 1)
 
-        history = train_phases(
-            encoder,
-            nn.ModuleDict({"heads": heads, "lte": lte}),
-            [(list(heads.parameters()) + list(lte.parameters()), cfg.head_lr)],
-            [Phase("berxit", cfg.n_epochs(finetune=True), loss)],
-            tok,
-            train.labels,
-            common["pad_id"],
-            cfg,
-            checkpoint=job.out / f"checkpoint-{self.name}",
-            **_common_args(common),
-        )
+        history = _train(self, job, setup, loss, others={"lte": (lte, cfg.head_lr)})
         lte.eval()
         return _finish(job, self.name, heads, encoder, {"berxit": history}, components={"lte": lte})
 
@@ -190,25 +197,14 @@ class _Ponder(_FineTuning):
 
     def train(self, job: TrainingJob) -> Trained:
         cfg: Any = self.options
-        heads, encoder, tok, common = self._setup(job, shared=cfg.shared_classifier)
-        train = job.data.splits["train"]
+        setup = self._setup(job, shared=cfg.shared_classifier)
+        heads, encoder = setup[:2]
         halting = Halting(job.backbone.hidden_size, self.kind, cfg.halting_hidden).to(job.backbone.device)
 
         def loss(hs: Sequence[torch.Tensor], y: torch.Tensor, step: int) -> torch.Tensor:
             return ponder_objective(heads, halting, hs, y, cfg.halting_beta, cfg.halting_prior)
 
-        history = train_phases(
-            encoder,
-            nn.ModuleDict({"heads": heads, "halting": halting}),
-            [(list(heads.parameters()), cfg.head_lr), (list(halting.parameters()), cfg.halting_lr)],
-            [Phase(self.name, cfg.n_epochs(finetune=True), loss)],
-            tok,
-            train.labels,
-            common["pad_id"],
-            cfg,
-            checkpoint=job.out / f"checkpoint-{self.name}",
-            **_common_args(common),
-        )
+        history = _train(self, job, setup, loss, others={"halting": (halting, cfg.halting_lr)})
         halting.eval()
         components = {"halting": halting, "prior_lambda": cfg.halting_prior}
         return _finish(job, self.name, heads, encoder, {self.name: history}, components=components)
@@ -279,23 +275,11 @@ class SLFMethod(_FineTuning):
     def train(self, job: TrainingJob) -> Trained:
         heads, encoder, tok, common = self._setup(job)
         cfg: Any = self.options
-        train = job.data.splits["train"]
         blocks = layer_parameters(encoder)
         if len(blocks) != heads.n_layers:
             raise ProbekitError(f"slf: the encoder has {len(blocks)} blocks for {heads.n_layers} off-ramps")
         phases = slf_phases(heads, blocks, cfg.focus_epochs, cfg.n_epochs(finetune=True))
-        history = train_phases(
-            encoder,
-            nn.ModuleDict({"heads": heads}),
-            [(list(heads.parameters()), cfg.head_lr)],
-            phases,
-            tok,
-            train.labels,
-            common["pad_id"],
-            cfg,
-            checkpoint=job.out / f"checkpoint-{self.name}",
-            **_common_args(common),
-        )
+        history = _train(self, job, (heads, encoder, tok, common), phases)
         return _finish(job, self.name, heads, encoder, {"slf": history})
 
 
@@ -314,7 +298,7 @@ class SmartAlternatingMethod(_FineTuning):
                 params=("holdout",),
             )
         heads, encoder, tok, common = self._setup(job)
-        cfg, train, held = self.options, job.data.splits["train"], job.data.splits[HELDOUT]
+        held = job.data.splits[HELDOUT]
         metric = (M.task_metrics(job.data.task) or ["acc"])[0]
         if heads.regression and metric not in M.REGRESSION_METRICS:
             metric = "pearson"
@@ -332,20 +316,7 @@ class SmartAlternatingMethod(_FineTuning):
             encoder.train()
             heads.train()
 
-        history = train_phases(
-            encoder,
-            nn.ModuleDict({"heads": heads}),
-            [(list(heads.parameters()), cfg.head_lr)],
-            [Phase(self.name, cfg.n_epochs(finetune=True), loss)],
-            tok,
-            train.labels,
-            common["pad_id"],
-            cfg,
-            checkpoint=job.out / f"checkpoint-{self.name}",
-            on_epoch=on_epoch,
-            extra=extra,
-            **_common_args(common),
-        )
+        history = _train(self, job, (heads, encoder, tok, common), loss, on_epoch=on_epoch, extra=extra)
         return _finish(job, self.name, heads, encoder, {"smart-alternating": history, "losses": extra["losses"]})
 
     @staticmethod
