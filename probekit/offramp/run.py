@@ -97,7 +97,7 @@ class MeasureConfig(Config):
     component: ClassVar[str] = "the early-exit timing"
 
     measure: bool = option(True, "Time real early exit against full inference.")
-    time_n: int | None = option(300, "Time on the first N dev examples (none: all; each threshold runs twice).", ge=1)
+    time_n: int | None = option(150, "Time on the first N dev examples (none: all; each threshold runs twice).", ge=1)
     time_thresholds: int | None = option(5, "Thresholds timed per policy, spread over the savings (none: all).", ge=1)
     measure_batch_size: int = option(32, "Batch size of the batched timing mode.", ge=1)
     measure_threads: int | None = option(1, "CPU threads while timing (0 = torch's default).", ge=0)
