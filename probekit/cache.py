@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from probekit.cpu import bound_heap, trim_heap
 from probekit.errors import CacheError, ProbekitWarning
 from probekit.fingerprint import STAMP, check, fingerprint, read_stamp, write_stamp
 from probekit.io import lock_file, read_json, remove_tree, replace_dir, sha256_file, write_json
@@ -388,6 +389,7 @@ class CacheWriter:
         self.peak_pending_bytes = 0
 
     def __enter__(self) -> CacheWriter:
+        bound_heap()  # the batches' buffers must not fragment the heap over a long extraction
         self.final.parent.mkdir(parents=True, exist_ok=True)
         stack = contextlib.ExitStack()
         stack.enter_context(lock_file(self.final.with_name(self.final.name + ".lock"), self.final))
@@ -472,6 +474,7 @@ class CacheWriter:
         for arrs in self.arrays.values():
             for arr in arrs.values():
                 release_pages(arr)
+        trim_heap()
         self.pending_bytes = 0
 
     def checkpoint(self, split: str, batches_done: int) -> None:

@@ -8,6 +8,8 @@ tokenised form, checked against the tokenizer's own output.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import probekit.cache as cache_mod
 import probekit.encoding as encoding_mod
 from probekit.backbone import load_backbone
 from probekit.cache import LayerCache, count_nonfinite, release_pages
+from probekit.cpu import _glibc
 from probekit.data import load_task
 from probekit.extraction import extract_task
 from probekit.probes.layerwise import layer_major
@@ -136,3 +139,40 @@ def test_tokenize_in_chunks_matches_the_tokenizer(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(IndexError):
         got.input_ids[30]
     assert encoding_mod.tokenize(tok, [], max_length=12).lengths.tolist() == []
+
+
+HEAP_PROBE = """
+import ctypes, os, sys
+sys.path.insert(0, {repo!r})
+from probekit.cpu import bound_heap
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+if {bound}:
+    assert bound_heap()
+big = ctypes.create_string_buffer(16 << 20)      # mmapped; freeing it makes glibc raise its mmap threshold
+del big
+buf = ctypes.create_string_buffer(8 << 20)       # under the raised threshold: from the heap
+keep = ctypes.create_string_buffer(64 << 10)     # a live block above it, so the heap top cannot shrink
+before = rss()
+del buf
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="needs Linux's /proc")
+def test_a_freed_batch_buffer_goes_back_to_the_system_only_with_the_bounded_heap() -> None:
+    """The extraction writer bounds the heap (:func:`probekit.cpu.bound_heap`): a large buffer freed after
+    glibc raised its memory-map threshold is returned to the system, where by default it stays resident."""
+    if _glibc() is None:
+        pytest.skip("needs glibc (mallopt)")
+    repo = str(Path(__file__).resolve().parents[1])
+
+    def returned(bound: bool) -> int:
+        code = HEAP_PROBE.format(repo=repo, bound=bound)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return int(done.stdout.strip())
+
+    assert returned(bound=True) >= 7 << 20
+    assert returned(bound=False) < 1 << 20
