@@ -78,6 +78,25 @@ def test_report_files_tables_and_summary(made: dict) -> None:
     summary = (out / "summary.md").read_text()
     assert "## Convexity" in summary and "| sentence_length |" in summary
     assert "bert-cola (linear, mean): mean" in summary and "largest rise" in summary
+    # a rise is named only where a task's mean change over the top layers is positive, a fall where negative
+    top = int(re.search(r"mean over the (\d+) highest layers", summary).group(1))
+    high = want[want["layer"] >= want["layer"].max() - top + 1]
+    for model, one in high.groupby("model"):
+        per_task = one.groupby("task")["delta"].mean()
+        line = next(ln for ln in summary.splitlines() if ln.startswith(f"- {model} (linear, mean)"))
+        assert ("largest rise" in line) == bool((per_task > 0).any()), line
+        assert ("largest fall" in line) == bool((per_task < 0).any()), line
+
+
+def test_summary_names_a_fall_only_where_a_task_fell(tmp_path: Path) -> None:
+    """Every probe 1 point higher after fine-tuning: the summary names the largest rise and no fall."""
+    pre = synthetic_probe("bert", TASKS[:2], layers=4, seeds=(0,))
+    up = pre.assign(model="bert-up", finetune_task="cola")
+    up["value"] = up["value"] + 0.01
+    base = save_results(pre, tmp_path / "r" / "bert")
+    out = build_report([save_results(up, tmp_path / "r" / "up")], tmp_path / "rep", baseline=base)
+    [line] = [ln for ln in (out / "summary.md").read_text().splitlines() if ln.startswith("- bert-up (linear, mean)")]
+    assert "largest rise" in line and "largest fall" not in line, line
 
 
 def test_report_html_is_self_contained_with_captions(made: dict) -> None:

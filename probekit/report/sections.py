@@ -272,9 +272,10 @@ def deltas(results: pd.DataFrame, ctx: Context) -> Section | None:
     )
     summary = [f"Change after fine-tuning, vs {baseline} (mean over the {ctx.top} highest layers, in points):", ""]
     for (model, probe, pool), row in per_model.iterrows():
+        moves = [f"largest rise {row.idxmax()} ({_pp(row.max())})"] if row.max() > 0 else []
+        moves += [f"largest fall {row.idxmin()} ({_pp(row.min())})"] if row.min() < 0 else []
         summary.append(
-            f"- {model} ({probe}, {pool}): mean {_pp(row.mean())} over tasks; largest rise {row.idxmax()} "
-            f"({_pp(row.max())}), largest fall {row.idxmin()} ({_pp(row.min())})"
+            f"- {model} ({probe}, {pool}): mean {_pp(row.mean())} over tasks; {', '.join(moves) or 'no task moved'}"
         )
     if d["finetune_task"].isna().all():
         summary.append("\nThe fine-tuning tasks are unknown (pass --finetune-task MODEL=TASK for the task grid).")
