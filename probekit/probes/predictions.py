@@ -22,6 +22,7 @@ import numpy as np
 from probekit.errors import ProbekitError
 from probekit.io import atomic_path
 from probekit.paths import slug
+from probekit.probes.protocols import curve_probe
 
 FOLDER = "predictions"
 IDENTITY = ("model", "task", "probe", "pool", "seed", "cache_key", "data_sha256")
@@ -43,6 +44,14 @@ class Predictions:
 
     def accuracy(self, split: str = "test") -> np.ndarray:
         return self.correct[split].mean(1)
+
+
+def identity_of(fit: dict[str, Any]) -> dict[str, Any]:
+    """The predictions identity of a fit from one of its results rows: the curve's name as ``probe`` (its
+    protocol's, see :func:`~probekit.probes.protocols.curve_probe`), so two protocols of one kind keep a file each."""
+    identity = {k: fit.get(k) for k in IDENTITY}
+    identity["probe"] = curve_probe(fit.get("probe"), fit.get("protocol"))
+    return identity
 
 
 def file_name(identity: dict[str, Any]) -> str:

@@ -38,8 +38,8 @@ from probekit.paths import claim_output
 from probekit.probes.base import ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, resolve_kind
 from probekit.probes.order import cache_order
-from probekit.probes.predictions import FOLDER, file_name, from_probe, save_predictions
-from probekit.probes.protocols import PROTOCOLS, Protocol, curve_probe, make_protocol, protocol_of
+from probekit.probes.predictions import FOLDER, file_name, from_probe, identity_of, save_predictions
+from probekit.probes.protocols import PROTOCOLS, Protocol, make_protocol, protocol_of
 from probekit.probes.tuned import TunedProbe
 from probekit.results import PARQUET, load_results, save_results, tidy
 from probekit.runs import Run
@@ -351,8 +351,7 @@ def _has_predictions(previous: pd.DataFrame, out: Path) -> np.ndarray:
     out_rows = []
     for values in zip(*(previous[c] for c in cols), strict=True):
         if values not in found:
-            ident = dict(zip(cols, values, strict=True))
-            ident["probe"] = curve_probe(ident["probe"], ident.pop("protocol"))
+            ident = identity_of(dict(zip(cols, values, strict=True)))
             found[values] = not pd.isna(ident["seed"]) and (out / FOLDER / file_name(ident)).is_file()
         out_rows.append(found[values])
     return np.array(out_rows, dtype=bool)
@@ -451,9 +450,7 @@ def result_rows(
 
 def fit_predictions(lp: LayerwiseProbe, cache: LayerCache, feats: dict[str, Any], first: dict[str, Any]) -> Any:
     """Per-sentence correctness of one fit on the reported splits (:mod:`probekit.probes.predictions`)."""
-    identity = {k: first.get(k) for k in ("model", "task", "pool", "seed", "cache_key", "data_sha256")}
-    identity["probe"] = curve_probe(first.get("probe"), first.get("protocol"))
-    return from_probe(lp, identity, [(s, feats[s], cache.labels(s)) for s in REPORTED])
+    return from_probe(lp, identity_of(first), [(s, feats[s], cache.labels(s)) for s in REPORTED])
 
 
 def _scan(cache: LayerCache, feats: dict[str, torch.Tensor]) -> set[int]:
