@@ -6,8 +6,10 @@ import random
 import string
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -131,6 +133,27 @@ class RangeHandler:
                 pass
 
         return Handler
+
+
+def run_probe_suite(tmp_path: Path, model: Path, probe_keys: str) -> pd.DataFrame:
+    """Write and run a one-task suite probing ``model`` on a toy task with the ``[probe]`` keys given (TOML
+    lines); its probe rows. The protocols' short ``max_epoch`` runs warn of convergence: ignored."""
+    from probekit.errors import ConvergenceWarning
+    from probekit.results import load_results
+    from probekit.suite import run_suite
+
+    toy_senteval(tmp_path / "toy_a.txt", seed=1)
+    suite = tmp_path / "study.toml"
+    suite.write_text(
+        f'name = "p"\nout = "runs"\n\n[model]\nname = "tiny"\npath = "{model}"\n\n'
+        f'[probe]\ntasks = ["toy_a.txt"]\nmax_length = 32\n{probe_keys}',
+        encoding="utf-8",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        run_suite(suite, progress=False)
+    results = load_results(tmp_path / "runs" / "results" / "tiny")
+    return results[results["source"] == "probe"]
 
 
 def serve(root: Path, log: list[tuple[str, str | None]]):  # type: ignore[no-untyped-def]

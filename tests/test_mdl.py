@@ -3,11 +3,14 @@ here (SciPy's L-BFGS-B on scikit-learn's objective), a planted signal and the un
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.optimize import minimize
@@ -16,12 +19,14 @@ from typer.testing import CliRunner
 
 import probekit
 from probekit import LayerwiseProbe, extract
+from probekit.analysis import probe_rows
 from probekit.cli import app
-from probekit.errors import ParamError
+from probekit.errors import ConvergenceWarning, ParamError
 from probekit.probes.mdl import FRACTIONS, ORDER_SEED, block_ends
+from probekit.probes.protocols import SENTEVAL_MLP
 from probekit.report import build_report
 from probekit.results import validate
-from tests.helpers import toy_senteval
+from tests.helpers import run_probe_suite, toy_senteval
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
 
@@ -163,3 +168,113 @@ def test_runner_and_cli_write_codelength_rows(three_class_cache: Path, tmp_path:
     assert (report / "figures" / "mdl-compression-heatmap.png").is_file()
     summary = (report / "summary.md").read_text()
     assert "tasks drop significantly" in summary and "peak layer by compression" in summary
+
+
+# ---------------------------------------------------------------- MDL with a protocol's classifier (SentEval's MLP)
+
+
+def senteval_fit(x: torch.Tensor, y: torch.Tensor, xd: torch.Tensor, yd: torch.Tensor, k: int, l2: float):
+    """SentEval's PyTorchClassifier.fit (nhid=0) written out: re-seed 1111, Adam with weight_decay, one
+    np.random.permutation per epoch, batch 64, a dev check every 4 epochs, the never-reset tenacity counter;
+    returns the model of the best dev accuracy."""
+    np.random.seed(1111)
+    torch.manual_seed(1111)
+    model = torch.nn.Linear(x.shape[1], k)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=l2)
+    best, best_model, count, nepoch = -1.0, None, 0, 0
+    while nepoch <= 200:
+        for _ in range(4):
+            perm = np.random.permutation(len(x))
+            for i in range(0, len(x), 64):
+                idx = torch.from_numpy(perm[i : i + 64])
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        nepoch += 4
+        with torch.no_grad():
+            acc = float((model(xd).argmax(1) == yd).float().mean())
+        if acc > best:
+            best, best_model = acc, copy.deepcopy(model)
+        elif count >= 5:
+            break
+        else:
+            count += 1
+    return best_model
+
+
+def senteval_block_loop(x, y, xd, yd, k: int, grid, fractions, order: np.ndarray) -> np.ndarray:
+    """Online codelength per layer with SentEval's classifier as the block probe: for each prefix of the
+    transmission order, SentEval's training on the prefix's rows (in SentEval's row order) per L2 value, the
+    block's bits under the L2 value of lowest dev log loss; a prefix lacking a class sends the uniform code."""
+    n = len(y)
+    sent = torch.randperm(n, generator=torch.Generator().manual_seed(ORDER_SEED + 0)).numpy()
+    ends = block_ends(n, fractions)
+    nll = lambda m, a, b: float(torch.nn.functional.cross_entropy(m(a), b, reduction="sum")) / math.log(2)  # noqa: E731
+    out = []
+    for layer in range(x.shape[1]):
+        t_ = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        bits = ends[0] * math.log2(k)
+        for i, t in enumerate(ends[:-1]):
+            prefix, block = sent[:t], sent[t : ends[i + 1]]
+            if len(set(y[prefix])) < k:
+                bits += len(block) * math.log2(k)
+                continue
+            rows = order[np.isin(order, prefix)]
+            xp, yp, xdl = t_(x[rows, layer]), t_(y[rows]), t_(xd[:, layer])
+            fits = [senteval_fit(xp, yp, xdl, t_(yd), k, l2) for l2 in grid]
+            with torch.no_grad():
+                dev = [nll(m, xdl, t_(yd)) for m in fits]
+                bits += nll(fits[int(np.argmin(dev))], t_(x[block, layer]), t_(y[block]))
+        out.append(bits)
+    return np.array(out)
+
+
+def test_mdl_with_senteval_block_probes_equals_a_plain_loop_of_senteval_classifiers() -> None:
+    x, y = planted(900, layers=2, dim=8, k=3, signal=1, seed=4)
+    order = np.random.default_rng(5).permutation(600)  # SentEval's row order of train
+    grid, fractions = (1e-4, 1e-2), (5.0, 12.5, 25.0, 50.0, 100.0)
+    cand = {**SENTEVAL_MLP, "nhid": 0, "grid": grid}
+    lp = LayerwiseProbe(kind="mdl", block_probe="mlp", block_options=(cand,), fractions=fractions,
+                        control=False, seed=0, device="cpu")  # fmt: skip
+    lp.fit(x[:600], y[:600], x[600:], y[600:], order=order)
+    want = senteval_block_loop(x[:600], y[:600], x[600:], y[600:], 3, grid, fractions, order)
+    got = lp.estimator_.codelength_[:, 0]
+    assert np.allclose(got, want, rtol=0.01), (got, want)
+    assert got[1] < 0.5 * got[0]  # the planted layer needs far fewer bits
+    # its accuracy is the protocol's own full-train fit: the same as the plain senteval classifier
+    plain = LayerwiseProbe(kind="mlp", control=False, device="cpu", **cand).fit(x[:600], y[:600], x[600:], y[600:],
+                                                                                order=order)  # fmt: skip
+    assert np.array_equal(lp.predict(x[600:]), plain.predict(x[600:]))
+
+
+def test_mdl_runs_with_a_protocol_from_the_api_the_cli_and_a_suite(
+    three_class_cache: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mdl = probekit.probe(three_class_cache, kind="mdl", protocol="senteval", max_epoch=8, device="cpu",
+                             out=tmp_path / "mdl", progress=False).results  # fmt: skip
+        acc = probekit.probe(three_class_cache, protocol="senteval", max_epoch=8, device="cpu",
+                             out=tmp_path / "acc", progress=False).results  # fmt: skip
+    validate(mdl)
+    assert set(mdl["protocol"]) == {"senteval"} and set(mdl["probe"]) == {"mdl"}
+    key = ["layer", "metric"]
+    test_rows = lambda df: df[df["split"] == "test"].set_index(key)["value"].sort_index()  # noqa: E731
+    pd.testing.assert_series_equal(test_rows(mdl).loc[:, ["acc"], :], test_rows(acc).loc[:, ["acc"], :])
+    assert (mdl.loc[mdl["split"] == "train", "metric"] == "compression").sum() == 3
+    assert set(probe_rows(mdl)["probe"]) == {"mdl-senteval"}  # its curves are named apart from senteval's
+    result = CliRunner().invoke(app, ["probe", str(three_class_cache), "-o", str(tmp_path / "cli"), "--probe", "mdl",
+                                      "--protocol", "senteval", "--max-epoch", "8", "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "MDL compression" in result.output
+    cli = probekit.load_results(tmp_path / "cli")
+    np.testing.assert_allclose(
+        cli[cli["metric"] == "codelength"].sort_values("layer")["value"],
+        mdl[mdl["metric"] == "codelength"].sort_values("layer")["value"],
+    )
+    report = build_report(tmp_path / "cli", tmp_path / "report")
+    assert "mdl" in json.loads((report / "report.json").read_text())["sections"]
+    rows = run_probe_suite(tmp_path, tiny_model, 'kind = "mdl"\nprotocol = "senteval"\nmax_epoch = 8\n')
+    assert set(rows["probe"]) == {"mdl"} and set(rows["protocol"]) == {"senteval"}
+    assert "compression" in set(rows["metric"])

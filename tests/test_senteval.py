@@ -32,8 +32,8 @@ from probekit.probes.order import cache_order
 from probekit.probes.predictions import load_predictions
 from probekit.results import load_results, validate
 from probekit.senteval import cache_batcher, load_senteval, model_batcher, run_engine
-from probekit.suite import load_suite, run_suite
-from tests.helpers import toy_senteval
+from probekit.suite import load_suite
+from tests.helpers import run_probe_suite, toy_senteval
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_TASKS = ("bigram_shift", "past_present", "subj_number")
@@ -290,19 +290,9 @@ def test_protocols_of_one_kind_keep_their_own_predictions(tiny_model: Path, tmp_
 
 
 def test_a_suite_probes_with_a_protocol(tiny_model: Path, tmp_path: Path) -> None:
-    toy_senteval(tmp_path / "toy_a.txt", seed=1)
-    suite = tmp_path / "study.toml"
-    suite.write_text(
-        f'name = "p"\nout = "runs"\n\n[model]\nname = "tiny"\npath = "{tiny_model}"\n\n'
-        '[probe]\ntasks = ["toy_a.txt"]\nmax_length = 32\nprotocol = "senteval"\nmax_epoch = 8\n',
-        encoding="utf-8",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        run_suite(suite, progress=False)
-    results = load_results(tmp_path / "runs" / "results" / "tiny")
-    probe_rows = results[results["source"] == "probe"]
+    probe_rows = run_probe_suite(tmp_path, tiny_model, 'protocol = "senteval"\nmax_epoch = 8\n')
     assert set(probe_rows["protocol"]) == {"senteval"} and set(probe_rows["probe"]) == {"mlp"}
+    suite = tmp_path / "study.toml"
     bad = suite.read_text(encoding="utf-8").replace('protocol = "senteval"', 'protocol = "senteval"\nkind = "linear2"')
     suite.write_text(bad, encoding="utf-8")
     with pytest.raises(ProbekitError, match="kind"):

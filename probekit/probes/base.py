@@ -29,10 +29,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from probekit.config import Config
 from probekit.errors import ParamError
 from probekit.registry import Registry
+
+LOG_CHUNK = 1 << 24
+"""At most about this many logits at once when scoring log-likelihoods."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,23 @@ class ProbeKind(ABC):
     @abstractmethod
     def predict(self, X: torch.Tensor) -> torch.Tensor: ...
 
+    def log_loss(self, X: torch.Tensor, Y: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed natural-log loss [L, S, G] of every problem on ``X`` [L, M, D], label set ``s`` scored on
+        ``Y[s]`` [S, M] (``keep`` [M]: which rows count); the MDL probe's codelength. Needs the kind's
+        ``decision_function`` (logits [L, S, G, K, M]; K = 1 for a binary logistic model)."""
+        decide = getattr(self, "decision_function", None)
+        if decide is None:
+            raise ParamError("block_probe", f"the {self.name} probe has no decision_function to give log-likelihoods")
+        n_layers, m, _ = X.shape
+        out = torch.zeros(n_layers, Y.shape[0], len(self.grid), dtype=torch.float64, device=X.device)
+        step = max(1, LOG_CHUNK // max(1, n_layers * Y.shape[0] * len(self.grid) * 4))
+        for r in range(0, m, step):
+            nll = summed_nll(decide(X[:, r : r + step]), Y[:, r : r + step])  # [L, S, G, B]
+            if keep is not None:
+                nll = nll * keep[r : r + step].to(nll.dtype)
+            out += nll.sum(-1, dtype=torch.float64)
+        return out
+
     def train_metrics(self) -> dict[str, Any]:
         """Numbers per layer measured while fitting, on train (metric name -> array [layers]); the MDL
         probe's codelengths. Most kinds have none."""
@@ -104,6 +125,17 @@ class ProbeKind(ABC):
     def settings(self) -> dict[str, Any]:
         """The options that determine the results (recorded in the results table, fingerprinted)."""
         return {**self.config.to_dict(), "reg_name": self.reg_name, **self.fixed_settings}
+
+
+def summed_nll(z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Per-row natural-log loss [L, S, G, M] of logits ``z`` [L, S, G, K, M] (K = 1: the logistic loss of one
+    logit) for labels ``Y`` [S, M] (ids; negative ids, labels unseen in train, are scored as class 0 and
+    should be masked by the caller)."""
+    n_layers, s, g, k, m = z.shape
+    y = Y.clamp(min=0)[None, :, None, :].expand(n_layers, s, g, m)
+    if k == 1:
+        return F.softplus(z[:, :, :, 0]) - y.to(z.dtype) * z[:, :, :, 0]
+    return torch.logsumexp(z, 3) - z.gather(3, y[:, :, :, None, :]).squeeze(3)
 
 
 PROBE_KINDS: Registry[type[ProbeKind]] = Registry("probe kind", "kind")

@@ -25,6 +25,7 @@ changes in float32 stops there (:data:`probekit.probes.lbfgs.FLOOR`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -193,6 +194,13 @@ class LogisticProbe(ProbeKind):
     def predict(self, X: torch.Tensor) -> torch.Tensor:
         z = self.decision_function(X)
         return (z[:, :, :, 0] > 0).long() if self.k_ == 1 else z.argmax(3)
+
+    def label_sets(self, start: int, stop: int) -> LogisticProbe:
+        """A view of the fitted problems of label sets ``start .. stop - 1`` only (no copy of the weights)."""
+        view = copy.copy(self)
+        rows = slice(start * len(self.grid) * self.k_, stop * len(self.grid) * self.k_)
+        view.coef_, view.intercept_, view.n_sets_ = self.coef_[:, rows], self.intercept_[:, rows], stop - start
+        return view
 
 
 def _weighted_block(

@@ -10,31 +10,48 @@ online codelength is the sum, the uniform codelength ``N log2 K`` and the compre
 higher: the features make them easy to learn from few examples). The shuffled-label control gets
 its own codelength beside it.
 
-Batched: the block probes are the linear probe's problems, one label set per (block, labels) with
-0/1 row weights marking the prefix (:meth:`LogisticProbe.fit`'s ``weights``), so all layers, all
-blocks, the regularisation grid, the control and the ordinary full-train probe (whose accuracy is
-reported as every kind's is) are one call of the batched L-BFGS, on the CPU or the GPU. Each block's
-``C`` is chosen per layer as the one with the lowest log loss on ``dev`` (not part of what is
-encoded, so the choice costs no bits); ``--grid 1`` fixes it. The probe trained per block is a
-parameter (``block_probe``: a registered kind whose ``fit`` takes ``weights`` and that has a
-``decision_function``); the linear probe is the one that does.
+The probe trained per block is a parameter, ``block_probe``: any registered kind with a
+``decision_function`` (its log-likelihoods are the code), with the option sets ``block_options``
+(several: tuned per block, as a protocol's candidates; ``probekit probe --probe mdl --protocol
+senteval`` sets both from the protocol, so the MDL probe trains the protocol's classifier).
 
-Deviation from the paper: Voita & Titov's probe is an MLP trained per block with early stopping;
-here it is the linear probe (convex: the same objective at any batch order, so the codelength does
-not depend on an optimiser's seed), and ``C`` is chosen on dev per block.
+- ``linear`` (the default, the ``senteval-sklearn`` protocol): the block probes are the linear
+  probe's problems, one label set per (block, labels) with 0/1 row weights marking the prefix
+  (:meth:`LogisticProbe.fit`'s ``weights``), so all layers, all blocks, the regularisation grid, the
+  control and the ordinary full-train probe (whose accuracy is reported as every kind's is) are one
+  call of the batched L-BFGS, on the CPU or the GPU. The options ``grid``, ``max_iter``, ``tol`` and
+  ``history`` are this probe's.
+- any other kind (``mlp``: SentEval's classifier, the ``senteval``, ``conneau2018`` and
+  ``jawahar2019`` protocols): one fit of the kind per prefix, each its own training on the prefix's
+  rows (SentEval's: its epochs, mini-batches and early stopping on dev), every layer, label set and
+  grid value of a prefix batched as the kind batches them; then the full-train fit, whose accuracy is
+  reported. With the protocol's row order (``fit(order=...)``) a prefix's rows are trained in that
+  order, and the full-train fit is exactly the protocol's own fit.
+
+Each block's probe (candidate option set and grid value) is chosen per layer as the one with the
+lowest log loss on ``dev`` (not part of what is encoded, so the choice costs no bits); ``--grid 1``
+with the linear probe fixes it.
+
+Deviations from the paper: Voita & Titov's probe is an MLP trained per block with early stopping
+on dev. With the default (``linear``) block probe it is a convex logistic regression instead (the
+same objective at any batch order, so the codelength does not depend on an optimiser's seed), with
+``C`` chosen on dev per block; ``--protocol senteval`` / ``conneau2018`` give MLP block probes
+(SentEval's), with the L2 value (and for ``conneau2018`` the hidden size and dropout) chosen per block
+on dev log loss, where the paper fixes one architecture.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from probekit.config import option
 from probekit.errors import ParamError
@@ -45,8 +62,6 @@ FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.25, 12.5, 25.0, 50.0, 100.0)
 """Voita & Titov's block ends, in percent of train."""
 ORDER_SEED = 10_007
 """The transmission order is ``torch.randperm(N)`` of a generator seeded ``ORDER_SEED + seed``."""
-LOG_CHUNK = 1 << 24
-"""At most this many logits at once when scoring blocks and dev."""
 
 
 def block_ends(n: int, fractions: tuple[float, ...] = FRACTIONS) -> list[int]:
@@ -66,35 +81,54 @@ def transmission_order(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(ORDER_SEED + int(seed)))
 
 
+def block_kinds() -> list[str]:
+    """The kinds that can be the MDL probe's block probe: every registered kind with a ``decision_function``."""
+    return [n for n in PROBE_KINDS.names() if n != "mdl" and hasattr(PROBE_KINDS.get(n), "decision_function")]
+
+
 @dataclass(frozen=True)
 class MDLConfig(KindConfig):
-    """Options of the MDL probe: the block probe's (the linear probe's names) and the block fractions."""
+    """Options of the MDL probe: the linear block probe's (its names), the block fractions, the block probe."""
 
     component: ClassVar[str] = "the MDL probe"
     grid: tuple[float, ...] = option(
         (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
-        "Comma-separated C grid of the block probes (per block the lowest dev log loss; the full-train "
+        "Comma-separated C grid of the linear block probes (per block the lowest dev log loss; the full-train "
         "probe by dev accuracy).",
         gt=0,
     )
-    max_iter: int = option(1000, "L-BFGS iteration limit.", ge=1)
-    tol: float = option(1e-4, "Gradient tolerance (scikit-learn's tol).", gt=0)
-    history: int = option(10, "L-BFGS memory (pairs of past steps).", ge=1)
+    max_iter: int = option(1000, "L-BFGS iteration limit (linear block probes).", ge=1)
+    tol: float = option(1e-4, "Gradient tolerance (scikit-learn's tol; linear block probes).", gt=0)
+    history: int = option(10, "L-BFGS memory (pairs of past steps; linear block probes).", ge=1)
     fractions: tuple[float, ...] = option(
         FRACTIONS, "Block ends in percent of train, increasing, the last 100 (Voita & Titov's).", gt=0, le=100
     )
-    block_probe: str = option("linear", "The probe trained on each block's prefix.", choices=("linear",))
+    block_probe: str = option(
+        "linear", "The probe kind trained on each block's prefix (--protocol sets it).", choices=block_kinds
+    )
+    block_options: tuple[dict[str, Any], ...] = option(
+        (), "The block probe's option sets, tuned per block on dev (set from --protocol).", cli=False
+    )
 
     def check(self) -> None:
         super().check()
         fr = tuple(self.fractions)
         if len(fr) < 2 or any(b <= a for a, b in itertools.pairwise(fr)) or fr[-1] != 100:
             raise ParamError("fractions", f"must be at least two increasing percentages ending at 100, got {fr}")
+        block_configs(self)  # every option set is the block probe's
+
+
+def block_configs(cfg: MDLConfig) -> list[KindConfig]:
+    """The block probe's validated option sets: ``block_options`` (none: the kind's defaults) over, for the
+    linear probe, the MDL probe's own ``grid``, ``max_iter``, ``tol``, ``history``."""
+    cls = PROBE_KINDS.get(cfg.block_probe)
+    shared = {k: getattr(cfg, k) for k in cls.Config.field_names() if hasattr(cfg, k)} if cls is LogisticProbe else {}
+    return [cls.Config.from_mapping({**shared, **o}) for o in (cfg.block_options or ({},))]
 
 
 @PROBE_KINDS.register("mdl", aliases=("online-code",))
 class MDLProbe(ProbeKind):
-    """Online codelength (Voita & Titov) on every layer; accuracy from the full-train linear probe."""
+    """Online codelength (Voita & Titov) on every layer; accuracy from the full-train block probe."""
 
     Config = MDLConfig
     reg_name = "C"
@@ -103,11 +137,29 @@ class MDLProbe(ProbeKind):
     fixed_settings: ClassVar[dict[str, Any]] = {"solver": "lbfgs", "code": "online"}
     config: MDLConfig
 
-    def _block_probe(self) -> ProbeKind:
-        cfg = self.config
-        cls = PROBE_KINDS.get(cfg.block_probe)
-        options = {k: getattr(cfg, k) for k in cls.Config.field_names() if hasattr(cfg, k)}
-        return cls(cls.Config.from_mapping(options), seed=self.seed)
+    @cached_property
+    def _configs(self) -> list[KindConfig]:
+        return block_configs(self.config)
+
+    @property
+    def _batched(self) -> bool:
+        """One linear option set: every block is a weighted problem of one batched L-BFGS call."""
+        return self.config.block_probe == "linear" and len(self._configs) == 1
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """The option sets' grids one after the other (what ``predict``'s grid axis indexes)."""
+        return tuple(v for c in self._configs for v in c.grid)  # type: ignore[attr-defined]
+
+    def _new(self, config: KindConfig) -> ProbeKind:
+        return PROBE_KINDS.get(self.config.block_probe)(config, seed=self.seed)
+
+    def settings(self) -> dict[str, Any]:
+        out = super().settings()
+        if not self._batched:  # the block probe's own names and fixed settings, not the linear probe's
+            block = self._new(self._configs[0])
+            out.update(reg_name=block.reg_name, solver=None, **block.fixed_settings)
+        return out
 
     def fit(
         self,
@@ -116,7 +168,10 @@ class MDLProbe(ProbeKind):
         n_classes: int,
         dev: tuple[torch.Tensor, torch.Tensor] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        order: Any = None,
     ) -> MDLProbe:
+        """As :meth:`ProbeKind.fit`; ``order`` (the protocol's train order, e.g. SentEval's) goes to block probes
+        that take one; the transmission order is the MDL probe's own (:func:`transmission_order`)."""
         n_layers, n, _ = X.shape
         s = Y.shape[0]
         device = X.device
@@ -124,37 +179,21 @@ class MDLProbe(ProbeKind):
         self.order_ = transmission_order(n, self.seed).to(device)
         self.ends_ = block_ends(n, tuple(self.config.fractions))
         prefixes = self.ends_[:-1]  # block i+1 is encoded by the probe trained on the first ends_[i] rows
-        rank = torch.empty(n, dtype=torch.long, device=device)
-        rank[self.order_] = torch.arange(n, device=device)
-        masks = torch.stack([(rank < t) for t in prefixes]).to(X.dtype)  # [P, N]
-        p = len(prefixes)
-        labels = torch.cat([Y, Y.repeat(p, 1)])  # [S + P*S, N]: full train, then (prefix, set)
-        weights = torch.cat([torch.ones(s, n, dtype=X.dtype, device=device), masks.repeat_interleave(s, dim=0)])
-        probe = self._block_probe()
-        self.estimator_: LogisticProbe = probe  # type: ignore[assignment]
-        probe.fit(X, labels, n_classes, dev=dev, callback=callback, weights=weights, order=self.order_)  # type: ignore[call-arg]
-        g = len(self.grid)
-        n_iter = getattr(probe, "n_iter_", None)
-        self.n_iter_ = None if n_iter is None else n_iter[:, :s]
-        self.not_converged_ = int(getattr(probe, "not_converged_", 0))
-        # bits of each block under each (layer, set, C) of the probe trained on its prefix
-        bits = torch.zeros(n_layers, p, s, g, dtype=torch.float64, device=device)
-        for i, t in enumerate(prefixes):
-            rows = self.order_[t : self.ends_[i + 1]]
-            bits[:, i] = self._nll(X[:, rows], Y[:, rows], S=s, index=i) / math.log(2)
-        if dev is not None and g > 1:
-            xd, yd = dev
-            dev_loss = torch.stack(
-                [self._nll(xd, yd[None].expand(s, -1).clamp(min=0), S=s, index=i, keep=yd >= 0) for i in range(p)], 1
-            )  # [L, P, S, G]
-            choice = dev_loss.argmin(-1)  # first lowest in grid order
+        complete = torch.stack([self._complete(Y[:, self.order_[:t]], n_classes) for t in prefixes])  # [P, S]
+        if self._batched:
+            bits, dev_loss = self._fit_batched(X, Y, n_classes, dev, callback)
+        else:  # the block probe's grid is what the rows' reg values are; its limits are not MDL options
+            self.reg_name, self.limit_option = self._new(self._configs[0]).reg_name, ""  # type: ignore[misc]
+            bits, dev_loss = self._fit_each(X, Y, n_classes, dev, callback, order, complete)
+        # bits, dev_loss: [L, P, S, G] (dev_loss None: nothing to choose), each block under each probe
+        if dev_loss is not None and len(self.grid) > 1:
+            choice = dev_loss.argmin(-1)  # first lowest in (option set, grid) order
         else:
-            choice = torch.zeros(n_layers, p, s, dtype=torch.long, device=device)
+            choice = torch.zeros(n_layers, len(prefixes), s, dtype=torch.long, device=device)
         block_bits = bits.gather(3, choice[..., None]).squeeze(3)  # [L, P, S]
         # a prefix without every class has no optimum (the unpenalised intercept diverges): its block is
         # sent with the uniform code, a rule the receiver can apply too
         sizes = torch.tensor(np.diff(self.ends_), dtype=torch.float64, device=device)  # [P]
-        complete = torch.stack([self._complete(Y[:, self.order_[:t]], n_classes) for t in prefixes])  # [P, S]
         self.uniform_blocks_ = (~complete).cpu().numpy()
         block_bits = torch.where(complete[None], block_bits, (sizes * math.log2(n_classes))[None, :, None])
         self.block_bits_ = block_bits.cpu().numpy()
@@ -166,49 +205,106 @@ class MDLProbe(ProbeKind):
         self.compression_ = self.uniform_codelength_ / self.codelength_
         return self
 
+    def _fit_batched(
+        self,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        n_classes: int,
+        dev: tuple[torch.Tensor, torch.Tensor] | None,
+        callback: Callable[[int, int], None] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The linear block probes: full train and every prefix as weighted problems of one L-BFGS call."""
+        n_layers, n, _ = X.shape
+        s, device = Y.shape[0], X.device
+        prefixes = self.ends_[:-1]
+        rank = torch.empty(n, dtype=torch.long, device=device)
+        rank[self.order_] = torch.arange(n, device=device)
+        masks = torch.stack([(rank < t) for t in prefixes]).to(X.dtype)  # [P, N]
+        p = len(prefixes)
+        labels = torch.cat([Y, Y.repeat(p, 1)])  # [S + P*S, N]: full train, then (prefix, set)
+        weights = torch.cat([torch.ones(s, n, dtype=X.dtype, device=device), masks.repeat_interleave(s, dim=0)])
+        probe = self._new(self._configs[0])
+        assert isinstance(probe, LogisticProbe)
+        self.estimators_ = [probe]
+        probe.fit(X, labels, n_classes, dev=dev, callback=callback, weights=weights, order=self.order_)
+        self.n_iter_ = None if getattr(probe, "n_iter_", None) is None else probe.n_iter_[:, :s]
+        self.not_converged_ = int(getattr(probe, "not_converged_", 0))
+        g = len(self.grid)
+        nll = torch.zeros(n_layers, p, s, g, dtype=torch.float64, device=device)
+        dev_loss = None if dev is None else torch.zeros_like(nll)
+        for i, t in enumerate(prefixes):
+            trained = probe.label_sets(s * (i + 1), s * (i + 2))  # the probes of prefix i
+            rows = self.order_[t : self.ends_[i + 1]]
+            nll[:, i] = trained.log_loss(X[:, rows], Y[:, rows])
+            if dev is not None:
+                xd, yd = dev
+                dev_loss[:, i] = trained.log_loss(xd, yd[None].expand(s, -1), keep=yd >= 0)  # type: ignore[index]
+        return nll / math.log(2), dev_loss
+
+    def _fit_each(
+        self,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        n_classes: int,
+        dev: tuple[torch.Tensor, torch.Tensor] | None,
+        callback: Callable[[int, int], None] | None,
+        order: Any,
+        complete: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Any block probe: per option set, one fit per prefix (each its own training on the prefix) and the
+        full-train fit; bits and dev losses concatenated over the option sets along the grid axis."""
+        n_layers = X.shape[0]
+        s, device = Y.shape[0], X.device
+        prefixes = self.ends_[:-1]
+        protocol_order = None if order is None else torch.as_tensor(np.asarray(order), device=device).long()
+        takes_order = "order" in inspect.signature(self._new(self._configs[0]).fit).parameters
+        bits_all, dev_all, self.estimators_ = [], [], []
+        n_iter, self.not_converged_ = [], 0
+        for config in self._configs:
+            g = len(config.grid)  # type: ignore[attr-defined]
+            bits = torch.zeros(n_layers, len(prefixes), s, g, dtype=torch.float64, device=device)
+            dev_loss = torch.zeros_like(bits)
+            for i, t in enumerate(prefixes):
+                if not bool(complete[i].any()):  # every set sent with the uniform code: nothing to train
+                    continue
+                rows = self.order_[:t]
+                if protocol_order is not None:  # the prefix's rows in the protocol's order
+                    rows = protocol_order[torch.isin(protocol_order, rows)]
+                probe = self._new(config)
+                extra = {"order": torch.arange(t, device=device)} if takes_order else {}
+                probe.fit(X[:, rows], Y[:, rows], n_classes, dev=dev, callback=callback, **extra)
+                block = self.order_[t : self.ends_[i + 1]]
+                bits[:, i] = probe.log_loss(X[:, block], Y[:, block]) / math.log(2)
+                if dev is not None:
+                    xd, yd = dev
+                    dev_loss[:, i] = probe.log_loss(xd, yd[None].expand(s, -1), keep=yd >= 0)
+            full = self._new(config)
+            extra = {"order": protocol_order} if takes_order and protocol_order is not None else {}
+            full.fit(X, Y, n_classes, dev=dev, callback=callback, **extra)
+            self.estimators_.append(full)
+            self.not_converged_ += int(getattr(full, "not_converged_", 0))
+            n_iter.append(getattr(full, "n_iter_", None))
+            bits_all.append(bits)
+            dev_all.append(dev_loss)
+        self.n_iter_ = None if any(i is None for i in n_iter) else torch.cat(n_iter, 2)
+        return torch.cat(bits_all, 3), (None if dev is None else torch.cat(dev_all, 3))
+
     @staticmethod
     def _complete(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
         """Whether each label set [S, t] holds every class."""
         hits = torch.zeros(labels.shape[0], n_classes, dtype=torch.bool, device=labels.device)
         return hits.scatter_(1, labels, True).all(1)
 
-    def _nll(
-        self, X: torch.Tensor, Y: torch.Tensor, S: int, index: int, keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Summed natural-log loss [L, S, G] of prefix ``index``'s probes on ``X`` [L, M, D] / ``Y`` [S, M]
-        (``keep``: which rows count)."""
-        probe = self.estimator_
-        g, k = len(self.grid), probe.k_
-        n_layers, m, _ = X.shape
-        first = (S + index * S) * g * k  # the prefix's problems: sets S + index*S .. + S, each G x K rows
-        coef = probe.coef_[:, first : first + S * g * k]
-        bias = probe.intercept_[:, first : first + S * g * k]
-        out = torch.zeros(n_layers, S, g, dtype=torch.float64, device=X.device)
-        step = max(1, LOG_CHUNK // max(1, n_layers * S * g * k))
-        for r in range(0, m, step):
-            z = torch.baddbmm(bias[:, :, None], coef, X[:, r : r + step].transpose(1, 2))
-            z = z.view(n_layers, S, g, k, -1)
-            y = Y[:, r : r + step][None, :, None, :].expand(n_layers, S, g, -1)
-            if k == 1:
-                nll = F.softplus(z[:, :, :, 0]) - y.to(z.dtype) * z[:, :, :, 0]
-            else:
-                nll = torch.logsumexp(z, 3) - z.gather(3, y[:, :, :, None]).squeeze(3)
-            if keep is not None:
-                nll = nll * keep[r : r + step].to(nll.dtype)
-            out += nll.sum(-1, dtype=torch.float64)
-        return out
-
     def decision_function(self, X: torch.Tensor) -> torch.Tensor:
-        """Logits [L, S, G, K, M] of the full-train probes (the first ``S`` label sets)."""
-        probe = self.estimator_
-        g, k = len(self.grid), probe.k_
-        rows = self.n_sets_ * g * k
-        z = torch.baddbmm(probe.intercept_[:, :rows, None], probe.coef_[:, :rows], X.transpose(1, 2))
-        return z.view(X.shape[0], self.n_sets_, g, k, X.shape[1])
+        """Logits [L, S, G, K, M] of the full-train probes (the first ``S`` label sets of the batched fit)."""
+        if self._batched:
+            return self.estimators_[0].label_sets(0, self.n_sets_).decision_function(X)  # type: ignore[attr-defined]
+        return torch.cat([e.decision_function(X) for e in self.estimators_], 2)  # type: ignore[attr-defined]
 
     def predict(self, X: torch.Tensor) -> torch.Tensor:
-        z = self.decision_function(X)
-        return (z[:, :, :, 0] > 0).long() if z.shape[3] == 1 else z.argmax(3)
+        if self._batched:
+            return self.estimators_[0].label_sets(0, self.n_sets_).predict(X)  # type: ignore[attr-defined]
+        return torch.cat([e.predict(X) for e in self.estimators_], 2)
 
     def train_metrics(self) -> dict[str, np.ndarray]:
         """Per layer: ``codelength`` (bits), ``uniform_codelength``, ``compression``, and the control's."""

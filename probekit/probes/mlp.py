@@ -219,6 +219,12 @@ class MLPProbe(ProbeKind):
                 [self._forward(params, X[:, i : i + block]).argmax(-1) for i in range(0, X.shape[1], block)], dim=-1
             )
 
+    def decision_function(self, X: torch.Tensor) -> torch.Tensor:
+        """Logits [L, S, G, K, M] of the selected (best-on-dev) state of every problem on ``X`` [L, M, D]."""
+        with torch.no_grad():
+            z = self._forward(self.params_, X)  # [L, Q, M, K]
+        return z.view(X.shape[0], self.n_sets_, len(self.grid), X.shape[1], -1).transpose(3, 4)
+
     def predict(self, X: torch.Tensor) -> torch.Tensor:
         pred = self._predict_with(self.params_, X)  # [L, Q, M]
         return pred.view(X.shape[0], self.n_sets_, len(self.grid), -1)

@@ -155,9 +155,15 @@ def make_protocol(name: str | Protocol, **options: Any) -> Protocol:
 
 def curve_probe(probe: Any, protocol: Any) -> Any:
     """The name a fit's curve goes by: its protocol's, unless that is the linear probe's own default (so two
-    protocols of one probe kind are two curves, in the analyses and in the predictions files alike)."""
-    named = isinstance(protocol, str) and protocol != "senteval-sklearn"
-    return protocol if named else probe
+    protocols of one probe kind are two curves, in the analyses and in the predictions files alike); a probe
+    that is not the protocol's own kind (the MDL probe training the protocol's classifier) ``probe-protocol``.
+    Idempotent: a name already derived stays as it is."""
+    if not isinstance(protocol, str) or protocol == "senteval-sklearn":
+        return probe
+    if probe == protocol or (isinstance(probe, str) and probe.endswith(f"-{protocol}")):
+        return probe
+    own = PROTOCOLS.get(protocol).kind if protocol in PROTOCOLS.names() else None
+    return protocol if own is None or probe in (None, own) else f"{probe}-{protocol}"
 
 
 def protocol_of(kind: str) -> str | None:

@@ -35,7 +35,7 @@ from probekit.errors import CacheError, ConvergenceWarning, ParamError, Probekit
 from probekit.fingerprint import differences, fingerprint
 from probekit.io import remove_tree
 from probekit.paths import claim_output
-from probekit.probes.base import ProbeKind
+from probekit.probes.base import PROBE_KINDS, ProbeKind
 from probekit.probes.layerwise import LayerwiseProbe, layer_major, nonfinite_layers, resolve_kind
 from probekit.probes.order import cache_order
 from probekit.probes.predictions import FOLDER, file_name, from_probe, identity_of, save_predictions
@@ -157,23 +157,14 @@ def probe(
     ``protocol``: a preset of :data:`~probekit.probes.protocols.PROTOCOLS` (``senteval-sklearn``,
     ``senteval``, ``conneau2018``, ``jawahar2019``): it sets the kind and its options (``options``
     given here override them; the protocol's own, e.g. ``first_round_only``, go to it). Without one
-    the kind defaults to ``linear`` (the ``senteval-sklearn`` protocol).
+    the kind defaults to ``linear`` (the ``senteval-sklearn`` protocol). ``kind="mdl"`` with a protocol:
+    the MDL probe with the protocol's classifier (and its candidates) as the block probe; options of that
+    classifier (``grid``, ``max_epoch``...) go to it, the MDL probe's own (``fractions``) to the MDL probe.
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ParamError("seeds", "must be at least 1")
-    proto = None
-    if protocol is not None:
-        cls = type(protocol) if isinstance(protocol, Protocol) else PROTOCOLS.get(protocol)
-        own, options = split_options(options, cls.Config)
-        proto = make_protocol(protocol, **own)
-        if kind is not None and not isinstance(kind, LayerwiseProbe) and resolve_kind(kind)[0] != proto.kind:
-            raise ParamError("kind", f"the {proto.name} protocol trains the {proto.kind} probe; leave {{kind}} out")
-        kind = proto.kind if kind is None else kind
-    template = _template("linear" if kind is None else kind, device, grid, control, options)
-    template.protocol_ = proto  # type: ignore[attr-defined]
-    template.user_options_ = {**options, **({"grid": grid} if grid is not None else {})}  # type: ignore[attr-defined]
-    _settings(template)  # validates the kind and its options before any cache is opened
+    template = probe_template(kind, device=device, grid=grid, control=control, protocol=protocol, **options)
     info = dist_info()
     dev = resolve_device(rank_device(str(template.device), info))
     created = init_process_group(info, dev)
@@ -182,6 +173,39 @@ def probe(
     finally:
         if created:
             destroy_process_group()
+
+
+def probe_template(
+    kind: str | type[ProbeKind] | LayerwiseProbe | None = None,
+    device: str | None = None,
+    grid: Sequence[float] | str | None = None,
+    control: bool | None = None,
+    protocol: str | Protocol | None = None,
+    **options: Any,
+) -> LayerwiseProbe:
+    """The validated probe every fit of :func:`probe` starts from (its arguments, same meaning), so a suite
+    checks its [probe] table by the same rule before any model runs; a bad option is a ParamError naming it."""
+    proto = None
+    if protocol is not None:
+        cls = type(protocol) if isinstance(protocol, Protocol) else PROTOCOLS.get(protocol)
+        own, options = split_options(options, cls.Config)
+        proto = make_protocol(protocol, **own)
+        named = None if kind is None or isinstance(kind, LayerwiseProbe) else resolve_kind(kind)[0]
+        if named not in (None, proto.kind, "mdl"):
+            raise ParamError(
+                "kind", f"the {proto.name} protocol trains the {proto.kind} probe (or mdl's); leave {{kind}} out"
+            )
+        kind = proto.kind if kind is None else kind
+    given = {**options, **({"grid": grid} if grid is not None else {})}
+    if proto is not None and proto.kind not in ("linear", "mdl") and _kind_name(kind) == "mdl":
+        # the MDL probe training the protocol's classifier: that kind's options (--grid, --max-epoch...) go to it
+        given, options = split_options(given, PROBE_KINDS.get(proto.kind).Config)
+        grid = None
+    template = _template("linear" if kind is None else kind, device, grid, control, options)
+    template.protocol_ = proto  # type: ignore[attr-defined]
+    template.user_options_ = given  # type: ignore[attr-defined]
+    _settings(template)  # validates the kind and its options before any cache is opened
+    return template
 
 
 def _template(
@@ -209,10 +233,20 @@ def _member(template: LayerwiseProbe, task: str | None, **params: Any) -> Layerw
     if proto is None:
         return LayerwiseProbe(**base)
     given = getattr(template, "user_options_", {})
+    if _kind_name(base["kind"]) == "mdl" and proto.kind != "mdl":  # MDL's block probe is the protocol's
+        block = proto.candidates(task)
+        if proto.kind == "linear":  # the MDL probe's own options are the linear block probe's
+            return LayerwiseProbe(**{**base, "block_probe": "linear", "block_options": tuple(block)})
+        cands = tuple({**c, **given} for c in block)
+        return LayerwiseProbe(**{**base, "block_probe": proto.kind, "block_options": cands})
     cands = [{**c, **given} for c in proto.candidates(task)]
     if len(cands) == 1:
         return LayerwiseProbe(**{**base, **cands[0]})
     return TunedProbe(cands, **base)
+
+
+def _kind_name(kind: str | type[ProbeKind] | LayerwiseProbe) -> str:
+    return resolve_kind(kind.kind if isinstance(kind, LayerwiseProbe) else kind)[0]
 
 
 def _settings(template: LayerwiseProbe, task: str | None = None) -> dict[str, Any]:
@@ -415,7 +449,7 @@ def _warn_changed(stale: pd.DataFrame, settings: dict[str, Any]) -> None:
 
 def _warn_not_converged(lp: LayerwiseProbe, task: str, seed: int) -> None:
     cls = type(lp.estimator_)
-    param = cls.limit_option
+    param = lp.estimator_.limit_option
     what = f"{lp.not_converged_} {lp.kind_} probe fit(s) stopped at the limit before converging"
     if param:
         spec = next((f for f in fields_of(cls.Config) if f.name == param), None)

@@ -18,11 +18,16 @@ def _p(v: float) -> str:
     return "" if pd.isna(v) else (f"{v:.2g}" if v >= 1e-3 else "<0.001")
 
 
+def is_mdl(probe: pd.Series) -> pd.Series:
+    """Which curves are MDL probes' (``mdl``; with a protocol's block probe ``mdl-senteval``...)."""
+    return (probe == "mdl") | probe.astype(str).str.startswith("mdl-")
+
+
 def mdl_table(ctx: Context) -> pd.DataFrame:
-    """Per model, pooling, task and layer: compression, codelength (kbits), the control's, and test accuracy
-    of the same (full-train) probe, seeds averaged."""
-    rows = ctx.probe[(ctx.probe["probe"] == "mdl")]
-    keys = ["model", "pool", "task", "layer"]
+    """Per model, MDL curve, pooling, task and layer: compression, codelength (kbits), the control's, and test
+    accuracy of the same (full-train) probe, seeds averaged."""
+    rows = ctx.probe[is_mdl(ctx.probe["probe"])]
+    keys = ["model", "probe", "pool", "task", "layer"]
     train = rows[rows["split"] == "train"].pivot_table(index=keys, columns="metric", values="value", sort=False)
     test = rows[(rows["split"] == ctx.probe_split) & (rows["metric"] == "acc")].groupby(keys, sort=False)["value"]
     table = train.join(test.mean().rename("acc")).reset_index()
@@ -35,34 +40,38 @@ def mdl_table(ctx: Context) -> pd.DataFrame:
 @section("mdl")
 def mdl(results: pd.DataFrame, ctx: Context) -> Section | None:
     """Online codelength (Voita & Titov) per layer: compression heatmap and curves beside accuracy."""
-    if ctx.probe.empty or not ((ctx.probe["metric"] == "compression") & (ctx.probe["probe"] == "mdl")).any():
+    if ctx.probe.empty or not ((ctx.probe["metric"] == "compression") & is_mdl(ctx.probe["probe"])).any():
         return None
     table = mdl_table(ctx)
-    rows = ctx.probe[(ctx.probe["probe"] == "mdl") & (ctx.probe["split"] == "train")]
+    rows = ctx.probe[is_mdl(ctx.probe["probe"]) & (ctx.probe["split"] == "train")]
     items: list[FigureItem | TableItem] = []
-    for pool in pd.unique(rows["pool"]):
-        suffix = "" if rows["pool"].nunique() == 1 else f"-{pool}"
+    several = rows[["probe", "pool"]].drop_duplicates()
+    for probe, pool in several.itertuples(index=False):
+        suffix = "" if len(several) == 1 else f"-{probe}-{pool}".replace("-mdl-", "-")
+        one = rows[(rows["probe"] == probe) & (rows["pool"] == pool)]
+        named = "" if probe == "mdl" else f" ({probe})"
         items.append(
             FigureItem(
                 f"mdl-compression-heatmap{suffix}",
-                plot.heatmap(results, split="train", metric="compression", probe="mdl", pool=pool),
-                "MDL compression (uniform codelength N log2 K over the online codelength) per layer and task; "
-                f"1 = no compression. {plot.sentence(describe(rows))}.",
+                plot.heatmap(results, split="train", metric="compression", probe=probe, pool=pool),
+                f"MDL compression{named} (uniform codelength N log2 K over the online codelength) per layer and "
+                f"task; 1 = no compression. {plot.sentence(describe(one))}.",
             )
         )
         items.append(
             FigureItem(
                 f"mdl-compression-curves{suffix}",
-                plot.curves(results, split="train", metric="compression", probe="mdl", pool=pool, baselines=False),
-                "MDL compression over layers, one panel per task.",
+                plot.curves(results, split="train", metric="compression", probe=probe, pool=pool, baselines=False),
+                f"MDL compression{named} over layers, one panel per task.",
             )
         )
     peaks = []
-    for (model, pool, task), one in table.groupby(["model", "pool", "task"], sort=False):
+    for (model, probe, pool, task), one in table.groupby(["model", "probe", "pool", "task"], sort=False):
         by_acc = int(one.loc[one["acc"].idxmax(), "layer"]) if one["acc"].notna().any() else None
         peaks.append(
             {
                 "model": model,
+                "probe": probe,
                 "pool": pool,
                 "task": task,
                 "peak by compression": int(one.loc[one["compression"].idxmax(), "layer"]),
@@ -82,7 +91,7 @@ def mdl(results: pd.DataFrame, ctx: Context) -> Section | None:
             display[col] = display[col].round(2)
         elif col == "acc":
             display[col] = display[col].map(_pct)
-    keep = [c for c in ("model", "pool", "task", "layer", "kbits", "compression", "control_kbits",
+    keep = [c for c in ("model", "probe", "pool", "task", "layer", "kbits", "compression", "control_kbits",
                         "control_compression", "acc") if c in display]  # fmt: skip
     items.append(
         TableItem(

@@ -17,9 +17,9 @@ from typing import Any
 
 from probekit import extraction, probes, report
 from probekit.backbone import check_device
-from probekit.config import Config, option, split_options
+from probekit.config import Config, option
 from probekit.data import get_task, locate
-from probekit.errors import ParamError, ProbekitError
+from probekit.errors import ProbekitError
 from probekit.extraction import ExtractConfig
 from probekit.finetune import (
     GRIDS,
@@ -35,6 +35,7 @@ from probekit.io import atomic_path, read_json, sha256_file
 from probekit.probes import PROBE_KINDS
 from probekit.probes.layerwise import kind_config
 from probekit.probes.protocols import PROTOCOLS
+from probekit.probes.run import probe_template
 from probekit.report import MARKER, ReportConfig
 from probekit.suite.base import STAMPS, STEPS, Step, SuiteRun, SuiteStep, shown
 from probekit.suite.file import Suite, check_tasks
@@ -214,15 +215,12 @@ class ProbeStep(SuiteStep):
         self.extract_options = {k: v for k, v in self.options.items() if k in _extract_keys()}
         self.probe_options = {**cfg.options, **{k: v for k, v in self.options.items() if k not in _extract_keys()}}
         ExtractConfig.from_mapping(self.extract_options)
-        kind_options = self.probe_options
-        if cfg.protocol is not None:
-            proto = PROTOCOLS.get(cfg.protocol)
-            own, kind_options = split_options(self.probe_options, proto.Config)
-            proto.Config.from_mapping(own)
-            if cfg.kind not in ("linear", proto.kind):
-                raise ParamError("kind", f"the {cfg.protocol} protocol trains the {proto.kind} probe; leave it out")
-            self.config = cfg = self.config.replace(kind=proto.kind)  # type: ignore[attr-defined]
-        kind_config(cfg.kind, cfg.grid, **kind_options)
+        if cfg.protocol is None:
+            kind_config(cfg.kind, cfg.grid, **self.probe_options)
+            return
+        kind = None if cfg.kind == "linear" else cfg.kind  # the table's default: the protocol's kind
+        template = probe_template(kind, grid=cfg.grid, protocol=cfg.protocol, **self.probe_options)
+        self.config = self.config.replace(kind=template.kind)  # type: ignore[attr-defined]
 
     def run(self, run: SuiteRun) -> None:
         for name, m in run.models.items():
