@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import sys
 import tempfile
@@ -41,7 +42,7 @@ from probekit.encoding import encode
 from probekit.errors import ParamError, ProbekitError
 from probekit.metrics import wilson
 from probekit.probes.order import cache_sentences
-from probekit.probes.run import open_caches, probe
+from probekit.probes.run import fit_one, fit_settings, load_features, open_caches, probe_template, result_rows
 from probekit.results import row, save_results, tidy
 from probekit.runs import Run
 
@@ -266,10 +267,13 @@ def senteval_check(
 
 
 def _probekit_rows(cache: LayerCache, protocol: str, layers: list[int]) -> list[dict[str, Any]]:
-    run = probe(cache, seeds=[0], device="cpu", control=False, progress=False, protocol=protocol)
-    df = run.results
-    df = df[df["layer"].isin(layers) & (df["metric"] == "acc")]
-    return df.to_dict("records")
+    """probekit's fit of seed 0 on the chosen layers only (as the engine runs them), its ``acc`` rows."""
+    template = probe_template(device="cpu", control=False, protocol=protocol)
+    feats = load_features(cache, torch.device("cpu"))
+    lp = fit_one(template, cache, feats, 0, "cpu", layers)
+    settings = json.dumps(fit_settings(template, cache.task), sort_keys=True)
+    df = tidy(result_rows(lp, cache, feats, settings, protocol))
+    return df[df["metric"] == "acc"].to_dict("records")
 
 
 def comparison(results: pd.DataFrame) -> pd.DataFrame:

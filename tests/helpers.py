@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import string
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
@@ -133,6 +135,39 @@ class RangeHandler:
                 pass
 
         return Handler
+
+
+def senteval_classifier(
+    x: torch.Tensor, y: torch.Tensor, xd: torch.Tensor, yd: torch.Tensor, l2: float, k: int, seed: int = 1111
+) -> tuple[float, torch.nn.Module]:
+    """SentEval's PyTorchClassifier.fit with nhid=0, written out plainly (the reference the batched ``senteval``
+    protocol is tested against): re-seed, nn.Linear, Adam with weight_decay, one np.random.permutation per epoch,
+    batch 64, mean loss, a dev check every 4 epochs, the never-reset tenacity counter. The best dev accuracy
+    and the model that had it."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(x.shape[1], k)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=l2)
+    best, best_model, count, nepoch = -1.0, model, 0, 0
+    while nepoch <= 200:
+        for _ in range(4):
+            perm = np.random.permutation(len(x))
+            for i in range(0, len(x), 64):
+                idx = torch.from_numpy(perm[i : i + 64])
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        nepoch += 4
+        with torch.no_grad():
+            acc = float((model(xd).argmax(1) == yd).float().mean())
+        if acc > best:
+            best, best_model = acc, copy.deepcopy(model)
+        elif count >= 5:
+            break
+        else:
+            count += 1
+    return best, best_model
 
 
 def run_probe_suite(tmp_path: Path, model: Path, probe_keys: str) -> pd.DataFrame:

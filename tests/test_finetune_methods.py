@@ -263,6 +263,7 @@ def test_optimizers_and_the_papers_checkpoint_rule(tiny_model: Path, data: Path,
     w = {o: _weights(r.path)["bert.encoder.layer.0.attention.self.query.weight"] for o, r in runs.items()}
     assert not torch.equal(w["adamw"], w["sgd"]) and not torch.equal(w["adamw"], w["rmsprop"])
 
+    kw["logging_steps"] = 1
     paper = finetune(tiny_model, "cola", tmp_path / "paper", grid=Grid((16,), (1e-2,), 4), select="paper", **kw)
     m = paper.seeds[0].metrics
     assert m["select"]["rule"] == "paper" and "not below the training score" in m["select"]["reading"]
@@ -274,6 +275,8 @@ def test_optimizers_and_the_papers_checkpoint_rule(tiny_model: Path, data: Path,
     best = finetune(tiny_model, "cola", tmp_path / "best", grid=Grid((16,), (1e-2,), 4), **kw).seeds[0].metrics
     assert best["select"]["rule"] == "best-dev" and "train_mcc" not in best["runs"][0]["evals"][0]
     assert best["chosen"]["value"] == max(e["mcc"] for e in best["runs"][0]["evals"])
+    # scoring the training subset draws no random numbers: the rule changes which checkpoint, not the training
+    assert best["runs"][0]["train_loss"] == m["runs"][0]["train_loss"]
 
 
 # ---------------------------------------------------------------- multi-task

@@ -3,7 +3,6 @@ here (SciPy's L-BFGS-B on scikit-learn's objective), a planted signal and the un
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import warnings
@@ -26,7 +25,7 @@ from probekit.probes.mdl import FRACTIONS, ORDER_SEED, block_ends
 from probekit.probes.protocols import SENTEVAL_MLP
 from probekit.report import build_report
 from probekit.results import validate
-from tests.helpers import run_probe_suite, toy_senteval
+from tests.helpers import run_probe_suite, senteval_classifier, toy_senteval
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
 
@@ -173,36 +172,6 @@ def test_runner_and_cli_write_codelength_rows(three_class_cache: Path, tmp_path:
 # ---------------------------------------------------------------- MDL with a protocol's classifier (SentEval's MLP)
 
 
-def senteval_fit(x: torch.Tensor, y: torch.Tensor, xd: torch.Tensor, yd: torch.Tensor, k: int, l2: float):
-    """SentEval's PyTorchClassifier.fit (nhid=0) written out: re-seed 1111, Adam with weight_decay, one
-    np.random.permutation per epoch, batch 64, a dev check every 4 epochs, the never-reset tenacity counter;
-    returns the model of the best dev accuracy."""
-    np.random.seed(1111)
-    torch.manual_seed(1111)
-    model = torch.nn.Linear(x.shape[1], k)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=l2)
-    best, best_model, count, nepoch = -1.0, None, 0, 0
-    while nepoch <= 200:
-        for _ in range(4):
-            perm = np.random.permutation(len(x))
-            for i in range(0, len(x), 64):
-                idx = torch.from_numpy(perm[i : i + 64])
-                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        nepoch += 4
-        with torch.no_grad():
-            acc = float((model(xd).argmax(1) == yd).float().mean())
-        if acc > best:
-            best, best_model = acc, copy.deepcopy(model)
-        elif count >= 5:
-            break
-        else:
-            count += 1
-    return best_model
-
-
 def senteval_block_loop(x, y, xd, yd, k: int, grid, fractions, order: np.ndarray) -> np.ndarray:
     """Online codelength per layer with SentEval's classifier as the block probe: for each prefix of the
     transmission order, SentEval's training on the prefix's rows (in SentEval's row order) per L2 value, the
@@ -222,7 +191,7 @@ def senteval_block_loop(x, y, xd, yd, k: int, grid, fractions, order: np.ndarray
                 continue
             rows = order[np.isin(order, prefix)]
             xp, yp, xdl = t_(x[rows, layer]), t_(y[rows]), t_(xd[:, layer])
-            fits = [senteval_fit(xp, yp, xdl, t_(yd), k, l2) for l2 in grid]
+            fits = [senteval_classifier(xp, yp, xdl, t_(yd), l2, k)[1] for l2 in grid]
             with torch.no_grad():
                 dev = [nll(m, xdl, t_(yd)) for m in fits]
                 bits += nll(fits[int(np.argmin(dev))], t_(x[block, layer]), t_(y[block]))

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from pathlib import Path
@@ -18,8 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from typer.testing import CliRunner
 
 import probekit
@@ -33,7 +30,7 @@ from probekit.probes.predictions import load_predictions
 from probekit.results import load_results, validate
 from probekit.senteval import cache_batcher, load_senteval, model_batcher, run_engine
 from probekit.suite import load_suite
-from tests.helpers import run_probe_suite, toy_senteval
+from tests.helpers import run_probe_suite, senteval_classifier, toy_senteval
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_TASKS = ("bigram_shift", "past_present", "subj_number")
@@ -52,33 +49,10 @@ def senteval_path() -> Path:
 
 
 def plain_senteval(x, y, xd, yd, xt, yt, l2: float, seed: int = 1111) -> tuple[float, float]:
-    """SentEval's PyTorchClassifier.fit with nhid=0, written out: re-seed, nn.Linear, Adam with weight_decay,
-    one np.random.permutation per epoch, mean loss, a dev check every 4 epochs, the never-reset tenacity counter."""
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Linear(x.shape[1], int(y.max()) + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=l2)
-    best, best_model, count, nepoch = -1.0, None, 0, 0
-    while nepoch <= 200:
-        for _ in range(4):
-            perm = np.random.permutation(len(x))
-            for i in range(0, len(x), 64):
-                idx = torch.from_numpy(perm[i : i + 64])
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        nepoch += 4
-        with torch.no_grad():
-            acc = float((model(xd).argmax(1) == yd).float().mean())
-        if acc > best:
-            best, best_model = acc, copy.deepcopy(model)
-        else:
-            if count >= 5:
-                break
-            count += 1
+    """SentEval's classifier written out (:func:`tests.helpers.senteval_classifier`): best dev and its test accuracy."""
+    best, model = senteval_classifier(x, y, xd, yd, l2, int(y.max()) + 1, seed)
     with torch.no_grad():
-        return best, float((best_model(xt).argmax(1) == yt).float().mean())
+        return best, float((model(xt).argmax(1) == yt).float().mean())
 
 
 def test_batched_senteval_protocol_equals_a_plain_per_layer_per_l2_loop() -> None:
@@ -312,6 +286,12 @@ def test_senteval_check_cli_prints_both_and_writes_tidy_rows(
     validate(rows)
     assert set(rows["source"]) == {"probe", "senteval"} and set(rows["layer"]) == {1, 2}
     assert set(rows["protocol"]) == {"senteval"}
+    # probekit fitted the chosen layers only, with the numbers of its all-layer fit on them
+    full = probekit.probe(cache, seeds=[0], control=False, device="cpu", protocol="senteval", progress=False).results
+    key = ["layer", "split", "metric"]
+    mine = rows[rows["source"] == "probe"].set_index(key)["value"].sort_index()
+    want = full[full["layer"].isin([1, 2]) & (full["metric"] == "acc")].set_index(key)["value"].sort_index()
+    pd.testing.assert_series_equal(mine, want)
     bad = CliRunner().invoke(app, [*args[:2], "--layers", "9", "--senteval", str(senteval_path)])
     assert bad.exit_code == 2 and "--layers" in bad.output and bad.output.count("\n") == 1
     missing = CliRunner().invoke(app, ["senteval-check", str(cache.path), "--senteval", str(tmp_path)])

@@ -308,7 +308,11 @@ def _paper_rule(trainer: Any, train_eval: Any, metric: str) -> Any:
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
             if not metrics or f"eval_{metric}" not in metrics or "eval_paper" in metrics:
                 return
-            train = trainer.predict(train_eval, metric_key_prefix=TRAIN_EVAL_PREFIX).metrics
+            # in a forked RNG: a DataLoader draws its base seed from torch's global generator, which would
+            # otherwise shift every later dropout mask and batch order (the rule must not change the training)
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda):
+                train = trainer.predict(train_eval, metric_key_prefix=TRAIN_EVAL_PREFIX).metrics
             tr, dev = float(train[f"{TRAIN_EVAL_PREFIX}_{metric}"]), float(metrics[f"eval_{metric}"])
             metrics["eval_paper"] = dev if dev >= tr else dev - PAPER_PENALTY
             trainer.log({f"{TRAIN_EVAL_PREFIX}_{metric}": tr, "paper_admitted": float(dev >= tr)})

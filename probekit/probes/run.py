@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +204,7 @@ def probe_template(
     template = _template("linear" if kind is None else kind, device, grid, control, options)
     template.protocol_ = proto  # type: ignore[attr-defined]
     template.user_options_ = given  # type: ignore[attr-defined]
-    _settings(template)  # validates the kind and its options before any cache is opened
+    fit_settings(template)  # validates the kind and its options before any cache is opened
     return template
 
 
@@ -249,7 +249,7 @@ def _kind_name(kind: str | type[ProbeKind] | LayerwiseProbe) -> str:
     return resolve_kind(kind.kind if isinstance(kind, LayerwiseProbe) else kind)[0]
 
 
-def _settings(template: LayerwiseProbe, task: str | None = None) -> dict[str, Any]:
+def fit_settings(template: LayerwiseProbe, task: str | None = None) -> dict[str, Any]:
     """What determines a fit's results (fingerprinted, recorded): the probe's settings and the protocol's."""
     proto: Protocol | None = getattr(template, "protocol_", None)
     settings = _member(template, task).settings()
@@ -279,11 +279,11 @@ def _probe(
     if proto is not None:
         for c in opened:
             proto.check_pool(c.pool, f"{c.task} ({c.path})")
-    settings = _settings(template)
+    settings = fit_settings(template)
     kind = settings["kind"]
     step_name = resolve_kind(template.kind)[1].step_name
     protocol = proto.name if proto is not None else protocol_of(kind)
-    task_settings = {c.path: _settings(template, c.task) for c in opened}
+    task_settings = {c.path: fit_settings(template, c.task) for c in opened}
 
     if out is not None:
         claim_output(out, "out", force=not resume, force_param="fresh")
@@ -332,11 +332,7 @@ def _probe(
             loaded = c.path
             timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        lp = _member(template, c.task, seed=seed, device=dev)
-        order = _order(c) if proto is not None and proto.senteval_order else None
-        lp.fit(
-            feats["train"], c.labels("train"), feats["dev"], c.labels("dev"), layers=layers, callback=step, order=order
-        )
+        lp = fit_one(template, c, feats, seed, dev, layers, callback=step)
         timings["fit"] += time.perf_counter() - t0
         if lp.not_converged_:
             _warn_not_converged(lp, c.task, seed)
@@ -374,6 +370,24 @@ def _probe(
             remove_tree(Path(out) / PARTS)
     barrier()
     return finish(merged)
+
+
+def fit_one(
+    template: LayerwiseProbe,
+    cache: LayerCache,
+    feats: dict[str, torch.Tensor],
+    seed: int,
+    device: str | torch.device,
+    layers: Sequence[int],
+    callback: Callable[[int, int], None] | None = None,
+) -> LayerwiseProbe:
+    """One fit of :func:`probe`: the template's probe for this cache's task (its protocol's candidates and
+    SentEval's row order when the protocol has one) on ``layers`` of the loaded features."""
+    lp = _member(template, cache.task, seed=seed, device=device)
+    proto: Protocol | None = getattr(template, "protocol_", None)
+    order = _order(cache) if proto is not None and proto.senteval_order else None
+    train, dev = cache.labels("train"), cache.labels("dev")
+    return lp.fit(feats["train"], train, feats["dev"], dev, layers=list(layers), callback=callback, order=order)
 
 
 def _has_predictions(previous: pd.DataFrame, out: Path) -> np.ndarray:
