@@ -19,7 +19,9 @@ probekit's batched ``senteval`` protocol (every layer x every L2 in one problem,
   (``SE(params, batcher, prepare).eval(task)`` per layer, on a probekit cache);
 - ``senteval-synthetic``: 20k x 13 x 768, 2 classes, the engine's ``SplitClassifier`` on ``--sklearn-layers``
   layers, its time scaled to all (marked ``*``);
-- ``senteval-gpu-full``: probekit alone, 100k x 13 x 768, the whole grid and the control, on the GPU.
+- ``senteval-gpu-full``: probekit alone, 100k x 13 x 768, the whole grid and the control, on the GPU;
+- ``senteval-step``: the parts of one batched Adam step (7 layers x 384, batch 64, 4 L2 values x 2 classes),
+  torch's plain calls against the ones the probe makes (mini-batch gather, the two products, the Adam update).
 
 scikit-learn on 20 classes x 20k x 768 takes tens of seconds per fit, so on synthetic cases
 the scikit-learn side runs ``--sklearn-layers`` evenly spaced layers (default 2) and its time
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +150,8 @@ def main() -> None:
     p.add_argument(
         "--cases",
         default="synthetic2,synthetic20,real",
-        help="comma-separated: synthetic2, synthetic20, real, gpu-full (default: %(default)s)",
+        help="comma-separated: synthetic2, synthetic20, real, gpu-full, senteval-real, senteval-synthetic, "
+        "senteval-gpu-full, senteval-step (default: %(default)s)",
     )
     p.add_argument("--n-train", type=int, default=20000, help="synthetic train rows (default: %(default)s)")
     p.add_argument("--n-eval", type=int, default=2000, help="synthetic dev and test rows each (default: %(default)s)")
@@ -199,6 +203,9 @@ def main() -> None:
         for name in names:
             if name == "gpu-full":
                 run_gpu_full(args)
+                continue
+            if name == "senteval-step":
+                run_step_parts()
                 continue
             if name.startswith("senteval"):
                 run_senteval_cases(name, args)
@@ -257,6 +264,39 @@ def run_gpu_full(args: argparse.Namespace) -> None:
                 f"(mean test acc {100 * acc.mean():.2f}; {torch.cuda.get_device_name()})",
                 flush=True,
             )
+
+
+def run_step_parts(layers: int = 7, n: int = 1125, dim: int = 384, cols: int = 8, batch: int = 64) -> None:
+    """One batched logistic-regression Adam step, part by part: torch's plain calls against the probe's."""
+    from probekit.probes.mlp import _bmm
+
+    x = torch.randn(layers, n, dim)
+    w, r = torch.randn(layers, dim, cols), torch.randn(layers, batch, cols)
+    perms = [torch.randperm(n) for _ in range(20)]  # fresh rows each call, as in training (x is not in cache)
+
+    def per_call(f: Callable[[torch.Tensor], object]) -> float:
+        idxs = [p[i : i + batch] for p in perms for i in range(0, n - batch, batch)]
+        f(idxs[0])
+        start = time.perf_counter()
+        for idx in idxs:
+            f(idx)
+        return 1e6 * (time.perf_counter() - start) / len(idxs)
+
+    xb = x[:, :batch].contiguous()
+    xt = xb.transpose(1, 2)
+    buf = torch.zeros(layers, dim + 1, cols)
+    buf.grad = torch.rand_like(buf) * 1e-3
+    plain, fused = torch.optim.Adam([buf], lr=1e-3), torch.optim.Adam([buf], lr=1e-3, fused=True)
+    parts = {
+        "gather x[:, idx] / index_select": (lambda i: x[:, i], lambda i: x.index_select(1, i)),
+        "logits bmm / NumPy BLAS": (lambda i: torch.bmm(xb, w), lambda i: _bmm(xb, w)),
+        "gradient bmm / NumPy BLAS": (lambda i: torch.bmm(xt, r), lambda i: _bmm(xt, r)),
+        "Adam step / fused": (lambda i: plain.step(), lambda i: fused.step()),
+    }
+    print(f"senteval-step, {layers} layers x {dim}, batch {batch}, {cols} columns (us per call; torch / probekit)")
+    for label, (theirs, ours) in parts.items():
+        t_theirs, t_ours = per_call(theirs), per_call(ours)
+        print(f"  {label:<34} {t_theirs:8.1f} {t_ours:8.1f}  {t_theirs / t_ours:5.1f}x", flush=True)
 
 
 def run_senteval_probekit(

@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from probekit.errors import ProbekitError
 from probekit.probes.protocols import curve_probe
@@ -182,6 +181,8 @@ def convexity(results: pd.DataFrame, split: str | None = None, metric: str = "ac
         seed_drops = (per_seed.loc[peak_layer] - per_seed.loc[last_layer]).dropna()
         k = len(seed_drops)
         if k >= 2:
+            from scipy import stats  # only here: scipy.stats costs every command 60 MB
+
             bounds.append(float(stats.t.ppf(0.975, k - 1) * seed_drops.std(ddof=1) / np.sqrt(k)))
             basis.append("seeds")
         uncertainty = max(bounds) if bounds else np.nan

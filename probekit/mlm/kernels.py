@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
 
 from probekit.errors import ProbekitError
 
@@ -95,6 +94,8 @@ def head_activation(name: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     a callable is used as it is), as the model's own head applies it."""
     if callable(name):
         return name
+    from transformers.activations import ACT2FN  # here: importing it loads torch._dynamo (70 MB)
+
     try:
         return ACT2FN[str(name)]
     except KeyError:

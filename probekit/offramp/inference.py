@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
 
 from probekit.encoding import Tokenized, collate, plan_batches
 from probekit.errors import ProbekitError
@@ -71,6 +70,8 @@ class LayerStepper:
         return self.project(h) if self.project is not None else h
 
     def mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        from transformers.masking_utils import create_bidirectional_mask  # here: it loads torch._dynamo
+
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
     def block(self, i: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:

@@ -13,7 +13,6 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 
 from probekit.errors import ProbekitError
@@ -118,6 +117,8 @@ def exit_histograms(results: pd.DataFrame, *, max_thresholds: int = 4, col_wrap:
         if len(thresholds) > max_thresholds:
             idx = np.linspace(0, len(thresholds) - 1, max_thresholds).round().astype(int)
             thresholds = [thresholds[i] for i in sorted(set(idx))]
+        import seaborn as sns  # here, not at import: seaborn loads scipy (150 MB for every command)
+
         palette = sns.color_palette("flare", len(thresholds))
         for colour, t in zip(palette, thresholds, strict=True):
             hist = one[one["threshold"] == t].groupby("layer")["value"].mean()

@@ -16,7 +16,6 @@ from typing import Any, ParamSpec
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -111,6 +110,8 @@ def _ordered(values: Sequence[Any] | pd.Series, wanted: Sequence[str] | None = N
 
 def model_colours(models: Sequence[str]) -> dict[str, Any]:
     """One colour per model, stable for a given model order."""
+    import seaborn as sns  # here, not at import: seaborn loads scipy (150 MB for every command)
+
     palette = sns.color_palette("colorblind", max(len(models), 1))
     return {m: palette[i % len(palette)] for i, m in enumerate(models)}
 
