@@ -268,7 +268,7 @@ def run_gpu_full(args: argparse.Namespace) -> None:
 
 def run_step_parts(layers: int = 7, n: int = 1125, dim: int = 384, cols: int = 8, batch: int = 64) -> None:
     """One batched logistic-regression Adam step, part by part: torch's plain calls against the probe's."""
-    from probekit.probes.mlp import _bmm
+    from probekit.probes.mlp import batched_matmul
 
     x = torch.randn(layers, n, dim)
     w, r = torch.randn(layers, dim, cols), torch.randn(layers, batch, cols)
@@ -289,8 +289,8 @@ def run_step_parts(layers: int = 7, n: int = 1125, dim: int = 384, cols: int = 8
     plain, fused = torch.optim.Adam([buf], lr=1e-3), torch.optim.Adam([buf], lr=1e-3, fused=True)
     parts = {
         "gather x[:, idx] / index_select": (lambda i: x[:, i], lambda i: x.index_select(1, i)),
-        "logits bmm / NumPy BLAS": (lambda i: torch.bmm(xb, w), lambda i: _bmm(xb, w)),
-        "gradient bmm / NumPy BLAS": (lambda i: torch.bmm(xt, r), lambda i: _bmm(xt, r)),
+        "logits bmm / NumPy BLAS": (lambda i: torch.bmm(xb, w), lambda i: batched_matmul(xb, w)),
+        "gradient bmm / NumPy BLAS": (lambda i: torch.bmm(xt, r), lambda i: batched_matmul(xt, r)),
         "Adam step / fused": (lambda i: plain.step(), lambda i: fused.step()),
     }
     print(f"senteval-step, {layers} layers x {dim}, batch {batch}, {cols} columns (us per call; torch / probekit)")

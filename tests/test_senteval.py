@@ -80,14 +80,14 @@ def test_batched_senteval_protocol_equals_a_plain_per_layer_per_l2_loop() -> Non
 
 
 def test_the_step_s_cpu_product_is_a_batched_matrix_product() -> None:
-    from probekit.probes.mlp import _bmm
+    from probekit.probes.mlp import batched_matmul
 
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(3, 7, 5)), rng.normal(size=(3, 7, 4))
     want = np.einsum("lbd,lbk->ldk", a, b)  # a transposed: the gradient's product, a strided view
     for dtype in (torch.float32, torch.float64, torch.bfloat16):  # bfloat16: NumPy has none, torch's own bmm
         at, bt = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
-        got = _bmm(at.transpose(1, 2), bt).double().numpy()
+        got = batched_matmul(at.transpose(1, 2), bt).double().numpy()
         np.testing.assert_allclose(got, want, rtol=0.05 if dtype == torch.bfloat16 else 1e-5, atol=0.05)
 
 

@@ -202,7 +202,7 @@ class MLPProbe(ProbeKind):
         n_layers, b, _ = x.shape
         if len(params) == 2:  # nhid = 0: logistic regression
             w, bias = params
-            z = _bmm(x, w).add_(bias)  # [L, B, Q*K]
+            z = batched_matmul(x, w).add_(bias)  # [L, B, Q*K]
             return z.view(n_layers, b, -1, self._k(params)).transpose(1, 2)
         w1, b1, w2, b2 = params
         q, h = w1.shape[2] // self.config.nhid, self.config.nhid
@@ -249,16 +249,16 @@ class _LinearStep:
     def __call__(self, x: torch.Tensor, onehot: torch.Tensor) -> None:
         n_layers, b, _ = x.shape
         w, bias = self.params
-        z = _bmm(x, w).add_(bias).view(n_layers, b, -1, self.k)  # [L, B, Q, K]
+        z = batched_matmul(x, w).add_(bias).view(n_layers, b, -1, self.k)  # [L, B, Q, K]
         e = z.sub_(z.amax(-1, keepdim=True)).exp_()  # softmax written out: torch's kernel is slow for K = 2
         r = e.div_(e.sum(-1, keepdim=True)).view(n_layers, b, -1).sub_(onehot).div_(b)
-        self.grads[0].copy_(_bmm(x.transpose(1, 2), r))
+        self.grads[0].copy_(batched_matmul(x.transpose(1, 2), r))
         torch.sum(r, 1, keepdim=True, out=self.grads[1])
         self.buf.grad.add_(self.buf * self.decay)  # Adam's coupled weight decay, one strength per problem
         self.opt.step()
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.bmm`` outside autograd; on the CPU through NumPy's BLAS, which multiplies the probe's small, skinny
     matrices several times faster than torch's CPU kernels do (``bench/probe.py --cases senteval-step``)."""
     numpy_ok = a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
