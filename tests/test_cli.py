@@ -85,3 +85,19 @@ def test_cache_rm_refuses_non_caches(tmp_path: Path) -> None:
     (tmp_path / "precious" / "thesis.tex").write_text("x")
     result = runner.invoke(app, ["cache", "rm", str(tmp_path / "precious"), "--yes"])
     assert result.exit_code == 2 and (tmp_path / "precious" / "thesis.tex").exists()
+
+
+def test_the_cli_starts_without_seaborn_and_figures_still_find_its_colormaps() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, probekit.cli\n"
+        "assert not {'seaborn', 'scipy.stats', 'transformers.masking_utils'} & set(sys.modules), 'heavy import'\n"
+        "import matplotlib as mpl\n"
+        "from probekit.plot.style import SEQUENTIAL, _styled\n"
+        "print(_styled(lambda: mpl.colormaps[SEQUENTIAL].name)())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "mako_r"

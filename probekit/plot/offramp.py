@@ -22,6 +22,7 @@ from probekit.plot.style import (
     _line_panels,
     _panels,
     _percent_axis,
+    _seaborn,
     _source,
     _styled,
     model_colours,
@@ -117,9 +118,7 @@ def exit_histograms(results: pd.DataFrame, *, max_thresholds: int = 4, col_wrap:
         if len(thresholds) > max_thresholds:
             idx = np.linspace(0, len(thresholds) - 1, max_thresholds).round().astype(int)
             thresholds = [thresholds[i] for i in sorted(set(idx))]
-        import seaborn as sns  # here, not at import: seaborn loads scipy (150 MB for every command)
-
-        palette = sns.color_palette("flare", len(thresholds))
+        palette = _seaborn().color_palette("flare", len(thresholds))
         for colour, t in zip(palette, thresholds, strict=True):
             hist = one[one["threshold"] == t].groupby("layer")["value"].mean()
             ax.plot(

@@ -67,9 +67,18 @@ def save(fig: Figure, path: str | Path, **kwargs: Any) -> Path:
     return path
 
 
+def _seaborn() -> Any:
+    """seaborn, imported when a figure is drawn, not when probekit is: it loads scipy (150 MB for every command).
+    Importing it also registers the colormap ``SEQUENTIAL`` names (mako_r)."""
+    import seaborn
+
+    return seaborn
+
+
 def _styled(fn: Callable[P, Figure]) -> Callable[P, Figure]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Figure:
+        _seaborn()  # its colormaps, before the figure names them
         with mpl.rc_context(STYLE):
             return fn(*args, **kwargs)
 
@@ -110,9 +119,7 @@ def _ordered(values: Sequence[Any] | pd.Series, wanted: Sequence[str] | None = N
 
 def model_colours(models: Sequence[str]) -> dict[str, Any]:
     """One colour per model, stable for a given model order."""
-    import seaborn as sns  # here, not at import: seaborn loads scipy (150 MB for every command)
-
-    palette = sns.color_palette("colorblind", max(len(models), 1))
+    palette = _seaborn().color_palette("colorblind", max(len(models), 1))
     return {m: palette[i % len(palette)] for i, m in enumerate(models)}
 
 
