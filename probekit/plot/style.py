@@ -70,7 +70,7 @@ def save(fig: Figure, path: str | Path, **kwargs: Any) -> Path:
 def _seaborn() -> Any:
     """seaborn, imported when a figure is drawn, not when probekit is: it loads scipy (150 MB for every command).
     Importing it also registers the colormap ``SEQUENTIAL`` names (mako_r)."""
-    import seaborn
+    import seaborn  # deferred: heavy (scipy), and only figures need it
 
     return seaborn
 
