@@ -20,8 +20,9 @@ probekit's batched ``senteval`` protocol (every layer x every L2 in one problem,
 - ``senteval-synthetic``: 20k x 13 x 768, 2 classes, the engine's ``SplitClassifier`` on ``--sklearn-layers``
   layers, its time scaled to all (marked ``*``);
 - ``senteval-gpu-full``: probekit alone, 100k x 13 x 768, the whole grid and the control, on the GPU;
-- ``senteval-step``: the parts of one batched Adam step (7 layers x 384, batch 64, 4 L2 values x 2 classes),
-  torch's plain calls against the ones the probe makes (mini-batch gather, the two products, the Adam update).
+- ``senteval-step``: the parts of one batched Adam step (7 layers x 384, batch 64, 4 L2 values x 2 and 20 classes),
+  torch's plain calls against the ones the probe makes (mini-batch gather, the two products, the Adam update, and
+  the whole step with torch's element-wise kernels against NumPy's).
 
 scikit-learn on 20 classes x 20k x 768 takes tens of seconds per fit, so on synthetic cases
 the scikit-learn side runs ``--sklearn-layers`` evenly spaced layers (default 2) and its time
@@ -205,7 +206,8 @@ def main() -> None:
                 run_gpu_full(args)
                 continue
             if name == "senteval-step":
-                run_step_parts()
+                for classes in (2, 20):  # BigramShift's width and TopConstituents'
+                    run_step_parts(k=classes)
                 continue
             if name.startswith("senteval"):
                 run_senteval_cases(name, args)
@@ -266,12 +268,21 @@ def run_gpu_full(args: argparse.Namespace) -> None:
             )
 
 
-def run_step_parts(layers: int = 7, n: int = 1125, dim: int = 384, cols: int = 8, batch: int = 64) -> None:
+def run_step_parts(
+    layers: int = 7, n: int = 1125, dim: int = 384, k: int = 2, problems: int = 4, batch: int = 64
+) -> None:
     """One batched logistic-regression Adam step, part by part: torch's plain calls against the probe's."""
-    from probekit.probes.mlp import batched_matmul
+    import torch.nn.functional as F
 
+    from probekit.probes.mlp import _LinearStep, batched_matmul
+
+    cols = k * problems
     x = torch.randn(layers, n, dim)
-    w, r = torch.randn(layers, dim, cols), torch.randn(layers, batch, cols)
+    w, r = torch.randn(layers, dim, cols) * 0.01, torch.randn(layers, batch, cols)
+    onehot = F.one_hot(torch.randint(0, k, (n,)), k).float().repeat(1, problems)
+    decay = torch.tensor([1e-5, 1e-4, 1e-3, 1e-2][:problems]).repeat_interleave(k)[None, None]
+    step = _LinearStep([w, torch.zeros(layers, 1, cols)], decay, 1e-3, k, x, onehot)
+    torch_step = _LinearStep([w, torch.zeros(layers, 1, cols)], decay, 1e-3, k, x, onehot, use_numpy=False)
     perms = [torch.randperm(n) for _ in range(20)]  # fresh rows each call, as in training (x is not in cache)
 
     def per_call(f: Callable[[torch.Tensor], object]) -> float:
@@ -286,17 +297,20 @@ def run_step_parts(layers: int = 7, n: int = 1125, dim: int = 384, cols: int = 8
     xt = xb.transpose(1, 2)
     buf = torch.zeros(layers, dim + 1, cols)
     buf.grad = torch.rand_like(buf) * 1e-3
-    plain, fused = torch.optim.Adam([buf], lr=1e-3), torch.optim.Adam([buf], lr=1e-3, fused=True)
+    plain = torch.optim.Adam([buf], lr=1e-3)
     parts = {
-        "gather x[:, idx] / index_select": (lambda i: x[:, i], lambda i: x.index_select(1, i)),
+        "gather x[:, idx] / flat row gather": (lambda i: x[:, i], step.gather),
         "logits bmm / NumPy BLAS": (lambda i: torch.bmm(xb, w), lambda i: batched_matmul(xb, w)),
         "gradient bmm / NumPy BLAS": (lambda i: torch.bmm(xt, r), lambda i: batched_matmul(xt, r)),
-        "Adam step / fused": (lambda i: plain.step(), lambda i: fused.step()),
+        "Adam step / fused kernel": (lambda i: plain.step(), lambda i: step._adam()),
+        "whole step: torch ops / NumPy": (torch_step, step),
     }
     print(f"senteval-step, {layers} layers x {dim}, batch {batch}, {cols} columns (us per call; torch / probekit)")
+    flop = 2 * layers * batch * dim * cols  # one product's multiply-adds, twice
     for label, (theirs, ours) in parts.items():
         t_theirs, t_ours = per_call(theirs), per_call(ours)
-        print(f"  {label:<34} {t_theirs:8.1f} {t_ours:8.1f}  {t_theirs / t_ours:5.1f}x", flush=True)
+        rate = f"  ({flop / t_ours / 1e3:.1f} GFLOP/s)" if "BLAS" in label else ""
+        print(f"  {label:<34} {t_theirs:8.1f} {t_ours:8.1f}  {t_theirs / t_ours:5.1f}x{rate}", flush=True)
 
 
 def run_senteval_probekit(

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import probekit
@@ -89,6 +90,47 @@ def test_the_step_s_cpu_product_is_a_batched_matrix_product() -> None:
         at, bt = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
         got = batched_matmul(at.transpose(1, 2), bt).double().numpy()
         np.testing.assert_allclose(got, want, rtol=0.05 if dtype == torch.bfloat16 else 1e-5, atol=0.05)
+
+
+@pytest.mark.parametrize("path", ["numpy", "torch", "optimizer"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_logistic_step_is_adam_on_the_mean_cross_entropy_with_coupled_decay(path: str, k: int) -> None:
+    """The written-out step (NumPy on the CPU, torch elsewhere, torch.optim.Adam without the fused kernel) against
+    autograd on each problem's mean cross-entropy plus its own L2 as Adam's weight_decay, problem by problem; a layer
+    left out by ``keep`` (its problems stopped) keeps the state it had, the others train on."""
+    from probekit.probes.mlp import _LinearStep
+
+    rng = np.random.default_rng(2)
+    n_layers, n, d, decays = 3, 50, 6, (1e-3, 1e-1)
+    x = torch.from_numpy(rng.normal(size=(n_layers, n, d)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, k, n))
+    w0 = torch.from_numpy(rng.normal(size=(n_layers, d, len(decays) * k)).astype(np.float32))
+    b0 = torch.from_numpy(rng.normal(size=(n_layers, 1, len(decays) * k)).astype(np.float32))
+    onehot = F.one_hot(y, k).float().repeat(1, len(decays))
+    decay = torch.tensor(decays).repeat_interleave(k)[None, None]
+    step = _LinearStep([w0.clone(), b0.clone()], decay, 1e-2, k, x, onehot, use_numpy=path == "numpy")
+    assert step.numpy == (path == "numpy")
+    if path == "optimizer":
+        step.opt = torch.optim.Adam([step.buf], lr=1e-2)
+    batches = [torch.from_numpy(rng.permutation(n)[:16]) for _ in range(5)]
+    for i, idx in enumerate(batches):
+        if i == 3:
+            step.keep(torch.tensor([True, False, True]))  # layer 1 stops after 3 steps
+        step(idx)
+    step.sync()
+    for layer in range(n_layers):
+        steps = 3 if layer == 1 and path != "optimizer" else 5  # torch's optimiser keeps every layer (documented)
+        for q, wd in enumerate(decays):
+            cols = slice(q * k, (q + 1) * k)
+            w = w0[layer, :, cols].clone().requires_grad_()
+            b = b0[layer, 0, cols].clone().requires_grad_()
+            opt = torch.optim.Adam([w, b], lr=1e-2, weight_decay=wd)
+            for idx in batches[:steps]:
+                opt.zero_grad()
+                F.cross_entropy(x[layer, idx] @ w + b, y[idx]).backward()
+                opt.step()
+            torch.testing.assert_close(step.params[0][layer, :, cols], w.detach(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(step.params[1][layer, 0, cols], b.detach(), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the engine itself

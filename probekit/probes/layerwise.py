@@ -46,8 +46,9 @@ def layer_major(X: Any, layers: Sequence[int] | None, device: torch.device) -> t
     out = torch.empty((len(layers), X.shape[0], X.shape[2]), dtype=torch.float32, device=device)
     step = max(1, (1 << 22) // max(1, X.shape[1] * X.shape[2]))
     for r in range(0, X.shape[0], step):  # contiguous row blocks: sequential reads of a memory map
-        block = torch.from_numpy(np.array(X[r : r + step])).to(device).float()  # a writable copy
-        out[:, r : r + step] = block[:, layers].transpose(0, 1)
+        block = torch.from_numpy(np.array(X[r : r + step])).to(device)  # a writable copy
+        block = block if len(layers) == n_all else block[:, layers]
+        out[:, r : r + step].copy_(block.transpose(0, 1))  # cast and transpose in one pass
         release_pages(X)  # the map's pages read so far are not kept resident beside the copy
     return out
 

@@ -140,13 +140,14 @@ class MLPProbe(ProbeKind):
             decays += [decay.repeat(n_layers)[:, None, None]] * 2
         linear = not h  # logistic regression: hand-written gradient, fused Adam (no autograd)
         opt = None if linear else torch.optim.Adam(params, lr=cfg.lr)
-        step = _LinearStep(params, decays[0], cfg.lr, k) if linear else None
-        if step is not None:
-            params = step.params  # views of the step's one parameter buffer
         perm_rng = np.random.RandomState(seed)  # SentEval's np.random.seed(seed)
         sets = torch.arange(q, device=device) // g
         targets = Y[sets]  # [Q, N]
-        onehot = F.one_hot(Y, k).to(dtype).permute(1, 0, 2)[:, sets].reshape(n, q * k) if linear else None  # [N, Q*K]
+        step = None
+        if linear:
+            onehot = F.one_hot(Y, k).to(dtype).permute(1, 0, 2)[:, sets].reshape(n, q * k)  # [N, Q*K]
+            step = _LinearStep(params, decays[0], cfg.lr, k, X, onehot)
+            params = step.params  # views of the step's one parameter buffer
         x_dev, y_dev = dev
         best_acc = torch.full((n_layers, q), -1.0, device=device)
         best = [p.detach().clone() for p in params]
@@ -163,10 +164,10 @@ class MLPProbe(ProbeKind):
                     if h and cfg.dropout > 0:  # SentEval's nn.Dropout on the CPU: one bernoulli_ draw per batch
                         mask = torch.empty(len(idx), h).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
                         mask = mask.to(device=device, dtype=dtype).repeat(1, q)[None]
-                    xb = X.index_select(1, idx)  # [L, B, D]; index_select, not X[:, idx] (8x slower on the CPU)
                     if step is not None:
-                        step(xb, onehot.index_select(0, idx))  # type: ignore[union-attr]
+                        step(idx)
                         continue
+                    xb = X.index_select(1, idx)  # [L, B, D]; index_select, not X[:, idx] (8x slower on the CPU)
                     logits = self._forward(params, xb, mask=mask)  # [L, Q, B, K]
                     yb = targets[:, idx].expand(n_layers, -1, -1)
                     loss = F.cross_entropy(logits.reshape(-1, k), yb.reshape(-1), reduction="sum") / len(idx)
@@ -179,6 +180,8 @@ class MLPProbe(ProbeKind):
             epoch += cfg.epoch_size
             rounds += 1
             epochs += running.long() * cfg.epoch_size
+            if step is not None:
+                step.sync()
             acc = (self._predict_with(params, x_dev) == y_dev).float().mean(-1)  # [L, Q]
             better = running & (acc > best_acc)
             best_acc = torch.where(better, acc, best_acc)
@@ -189,6 +192,8 @@ class MLPProbe(ProbeKind):
             stop = worse & (strikes >= cfg.tenacity)
             strikes += worse.long()
             running &= ~stop
+            if step is not None:
+                step.keep(running.any(1))
             if callback is not None:
                 callback(epoch, int(running.sum()))
             if cfg.max_rounds and rounds >= cfg.max_rounds:
@@ -234,28 +239,122 @@ class MLPProbe(ProbeKind):
 
 class _LinearStep:
     """One Adam step of every logistic-regression problem on a mini-batch, written out: the gradient of the mean
-    cross-entropy (``(softmax - onehot) / B``) plus the coupled weight decay, then ``torch.optim.Adam``'s fused
-    update. Weights [L, D, Q*K] and biases [L, 1, Q*K] are views of one buffer, so the update is one kernel."""
+    cross-entropy (``(softmax - onehot) / B``) plus the coupled weight decay, then Adam's fused update
+    (``torch._fused_adam_``, the kernel behind ``torch.optim.Adam(fused=True)``, called without the optimiser's
+    per-step bookkeeping). Weights [L, D, Q*K] and biases [L, 1, Q*K] are views of one buffer, so the update is one
+    kernel. On the CPU the element-wise part runs through NumPy on the same memory: for a mini-batch's few thousand
+    logits torch's CPU kernels cost several times more per call (``bench/probe.py --cases senteval-step``).
 
-    def __init__(self, params: list[torch.Tensor], decay: torch.Tensor, lr: float, k: int) -> None:
+    Only the layers still training are stepped (:meth:`keep`): a layer whose problems have all stopped on dev no
+    longer costs its rows of the gather nor its products; ``params`` (every layer) is brought up to date by
+    :meth:`sync` before the dev check reads it."""
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        decay: torch.Tensor,
+        lr: float,
+        k: int,
+        x: torch.Tensor,
+        onehot: torch.Tensor,
+        use_numpy: bool | None = None,
+    ) -> None:
+        """``use_numpy``: the element-wise part through NumPy (default: on the CPU in float32/64)."""
         w, b = (p.detach() for p in params)
-        self.buf = torch.cat([w, b], dim=1)  # [L, D + 1, Q*K]
-        self.buf.grad = torch.zeros_like(self.buf)
-        self.params = [self.buf[:, :-1], self.buf[:, -1:]]
-        self.grads = [self.buf.grad[:, :-1], self.buf.grad[:, -1:]]
-        self.decay, self.k = decay, k
-        self.opt = torch.optim.Adam([self.buf], lr=lr, fused=self.buf.device.type in ("cpu", "cuda"))
+        self.full = torch.cat([w, b], dim=1)  # [L, D + 1, Q*K], every layer
+        self.params = [self.full[:, :-1], self.full[:, -1:]]
+        self.buf = self.full.clone()  # the layers still training
+        self.grad = torch.zeros_like(self.buf)
+        self.decay, self.k, self.lr = decay, k, lr
+        self.x, self.onehot = x, onehot
+        n_layers, n, _ = x.shape
+        # one row gather for all layers: the train rows of layer l start at row l * N of the flat [L * N, D] tensor
+        self.flat = x.view(n_layers * n, -1) if x.is_contiguous() else None
+        self.layers = torch.arange(n_layers, device=x.device)
+        numpy_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        self.numpy = numpy_ok if use_numpy is None else use_numpy and numpy_ok
+        self.adam_state = [torch.zeros_like(self.buf), torch.zeros_like(self.buf)]
+        self.adam_step = torch.zeros((), dtype=torch.float32, device=x.device)
+        fused = hasattr(torch, "_fused_adam_") and x.device.type in ("cpu", "cuda")
+        self.opt = None if fused else torch.optim.Adam([self.buf], lr=lr)
+        self.rows_out: torch.Tensor | None = None
+        self._views()
 
-    def __call__(self, x: torch.Tensor, onehot: torch.Tensor) -> None:
-        n_layers, b, _ = x.shape
-        w, bias = self.params
-        z = batched_matmul(x, w).add_(bias).view(n_layers, b, -1, self.k)  # [L, B, Q, K]
-        e = z.sub_(z.amax(-1, keepdim=True)).exp_()  # softmax written out: torch's kernel is slow for K = 2
-        r = e.div_(e.sum(-1, keepdim=True)).view(n_layers, b, -1).sub_(onehot).div_(b)
-        self.grads[0].copy_(batched_matmul(x.transpose(1, 2), r))
-        torch.sum(r, 1, keepdim=True, out=self.grads[1])
-        self.buf.grad.add_(self.buf * self.decay)  # Adam's coupled weight decay, one strength per problem
-        self.opt.step()
+    def _views(self) -> None:
+        """Weights, biases and their gradients as views of the buffers (NumPy arrays on the NumPy path)."""
+        views = [self.buf[:, :-1], self.buf[:, -1:], self.grad[:, :-1], self.grad[:, -1:]]
+        self.views = [v.numpy() for v in views] if self.numpy else views
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """The mini-batch's rows of every layer still training, [L', B, D]."""
+        if self.flat is None:  # index_select, not x[:, idx] (8x slower on the CPU)
+            return self.x.index_select(1, idx).index_select(0, self.layers)
+        rows = (self.layers[:, None] * self.x.shape[1] + idx).view(-1)
+        if self.rows_out is None or len(self.rows_out) < len(rows):
+            self.rows_out = self.flat.new_empty(len(rows), self.flat.shape[1])  # reused: no fresh pages per step
+        out = torch.index_select(self.flat, 0, rows, out=self.rows_out[: len(rows)])
+        return out.view(len(self.layers), len(idx), -1)
+
+    def keep(self, layers: torch.Tensor) -> None:
+        """Step only the layers where ``layers`` [L] (bool) is true from now on (a subset of those stepped so far)."""
+        sel = layers[self.layers]
+        if self.opt is not None or bool(sel.all()):  # torch's optimiser keeps its state per tensor: no compaction
+            return
+        self.sync()
+        self.layers, self.buf = self.layers[sel], self.buf[sel]
+        self.grad = torch.zeros_like(self.buf)
+        self.adam_state = [s[sel] for s in self.adam_state]
+        self._views()
+
+    def sync(self) -> None:
+        """Copy the layers still training into ``params``."""
+        self.full.index_copy_(0, self.layers, self.buf)
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        x, onehot = self.gather(idx), self.onehot.index_select(0, idx)
+        if self.numpy:
+            self._residual_numpy(x.numpy(), onehot.numpy(), *self.views)
+        else:
+            n_layers, b, _ = x.shape
+            w, bias, gw, gb = self.views
+            z = torch.baddbmm(bias, x, w).view(n_layers, b, -1, self.k)  # [L, B, Q, K]
+            e = z.sub_(z.amax(-1, keepdim=True)).exp_()
+            r = e.div_(e.sum(-1, keepdim=True)).view(n_layers, b, -1).sub_(onehot).div_(b)
+            torch.bmm(x.transpose(1, 2), r, out=gw)
+            torch.sum(r, 1, keepdim=True, out=gb)
+        self.grad.addcmul_(self.buf, self.decay)  # Adam's coupled weight decay, one strength per problem
+        self._adam()
+
+    def _residual_numpy(
+        self, x: np.ndarray, onehot: np.ndarray, w: np.ndarray, bias: np.ndarray, gw: np.ndarray, gb: np.ndarray
+    ) -> None:
+        """The gradient through NumPy (BLAS products, SIMD exp), written into this step's gradient buffer."""
+        b = x.shape[1]
+        z = np.matmul(x, w)
+        z += bias
+        z4 = z.reshape(z.shape[0], b, -1, self.k)  # [L, B, Q, K]
+        # the reductions over the classes: with two, one element-wise op (NumPy's small-axis reductions are slow)
+        pair = self.k == 2
+        z4 -= np.maximum(z4[..., :1], z4[..., 1:]) if pair else torch.from_numpy(z4).amax(-1, keepdim=True).numpy()
+        np.exp(z4, out=z4)
+        z4 /= z4[..., :1] + z4[..., 1:] if pair else torch.from_numpy(z4).sum(-1, keepdim=True).numpy()
+        z -= onehot
+        z /= b
+        np.matmul(x.transpose(0, 2, 1), z, out=gw)
+        np.sum(z, axis=1, keepdims=True, out=gb)
+
+    def _adam(self) -> None:
+        """torch.optim.Adam's update (lr, betas 0.9/0.999, eps 1e-8, no decoupled decay) on the one buffer."""
+        if self.opt is not None:  # a device or a torch without the fused kernel
+            self.buf.grad = self.grad
+            self.opt.step()
+            return
+        self.adam_step += 1
+        m, v = self.adam_state
+        torch._fused_adam_(
+            [self.buf], [self.grad], [m], [v], [], [self.adam_step],
+            lr=self.lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+        )  # fmt: skip
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
