@@ -42,6 +42,7 @@ from probekit.encoding import encode
 from probekit.errors import ParamError, ProbekitError
 from probekit.metrics import wilson
 from probekit.probes.order import cache_sentences
+from probekit.probes.protocols import Protocol, make_protocol
 from probekit.probes.run import fit_one, fit_settings, load_features, open_caches, probe_template, result_rows
 from probekit.results import row, save_results, tidy
 from probekit.runs import Run
@@ -163,29 +164,81 @@ def model_batcher(
     return prepare, batcher
 
 
-def engine_params(protocol: str, seed: int = 1111, classifier: dict[str, Any] | None = None) -> dict[str, Any]:
-    """SentEval's ``params`` for a protocol: ``senteval`` its default (PyTorch logistic regression;
-    ``classifier`` overrides its classifier settings, e.g. ``{"nhid": 50, "dropout": 0.1}`` for an MLP),
-    ``senteval-sklearn`` its ``usepytorch=False`` path."""
-    if protocol == "senteval-sklearn":
+def engine_params(
+    protocol: str | Protocol, seed: int = 1111, classifier: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """SentEval's ``params`` for a protocol: ``senteval-sklearn`` its ``usepytorch=False`` path; a protocol of
+    SentEval's PyTorch classifier (``senteval``, ``conneau2018``, ``jawahar2019``) ``usepytorch=True`` with the
+    protocol's first classifier settings, or ``classifier`` (e.g. ``{"nhid": 50, "dropout": 0.1}``) over them."""
+    if make_engine_protocol(protocol).kind == "linear":
         return {"usepytorch": False, "kfold": 10, "seed": seed, "classifier": {"nhid": 0}}
-    if protocol == "senteval":
-        clf = {"nhid": 0, "optim": "adam", "batch_size": 64, "tenacity": 5, "epoch_size": 4, **(classifier or {})}
-        return {"usepytorch": True, "kfold": 10, "seed": seed, "classifier": clf}
-    raise ProbekitError(f"senteval-check runs the protocols senteval and senteval-sklearn, not {protocol!r}")
+    clf = {**engine_classifiers(protocol)[0], **(classifier or {})}
+    return {"usepytorch": True, "kfold": 10, "seed": seed, "classifier": clf}
+
+
+def make_engine_protocol(protocol: str | Protocol) -> Protocol:
+    """The protocol (a name: with its default options) if it is one of SentEval's two classifiers (scikit-learn's
+    logistic regression, its PyTorch MLP); an unknown name is a ``ParamError`` naming ``protocol``."""
+    proto = make_protocol(protocol)
+    if proto.kind not in ("linear", "mlp"):
+        raise ProbekitError(f"the SentEval engine has no {proto.kind!r} classifier (protocol {protocol!r})")
+    return proto
+
+
+def engine_classifiers(protocol: str | Protocol, task: str | None = None) -> list[dict[str, Any]]:
+    """SentEval's ``params["classifier"]`` for each option set the protocol tunes on dev, in its order (the engine
+    takes one per run; ``senteval-sklearn``: the one ``nhid=0``)."""
+    proto = make_engine_protocol(protocol)
+    if proto.kind == "linear":
+        return [{"nhid": 0}]
+    keys = ("nhid", "dropout", "batch_size", "tenacity", "epoch_size", "max_epoch")
+    candidates = proto.candidates(task)
+    if any(c.get("max_rounds") for c in candidates):
+        raise ProbekitError(f"the SentEval engine has no first_round_only (protocol {proto.name}); leave it off")
+    return [{"optim": "adam", **{k: c[k] for k in keys}} for c in candidates]
 
 
 def run_engine(
     cache: LayerCache,
     layers: Sequence[int] | None = None,
-    protocol: str = "senteval",
+    protocol: str | Protocol = "senteval",
     seed: int = 1111,
     senteval_path: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
     classifier: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The original engine on each layer of a cache (the probing task SentEval knows by the cache's task, on the
-    data file the cache was extracted from): tidy rows of dev and test ``acc`` (``source="senteval"``)."""
+    data file the cache was extracted from): tidy rows of dev and test ``acc`` (``source="senteval"``).
+
+    A protocol that tunes more than SentEval's L2 grid (``conneau2018``: nhid x dropout) runs the engine once per
+    option set and keeps, per layer, the first with the best dev accuracy rounded as SentEval rounds it (its rows
+    name the ``nhid`` and ``dropout`` kept); ``classifier`` runs one option set instead. ``protocol``: a name, or a
+    :class:`~probekit.probes.protocols.Protocol` with its options (e.g. a smaller ``nhid_grid``)."""
+    proto = make_engine_protocol(protocol)
+    proto.check_pool(cache.pool, cache.task)
+    configs = [classifier] if classifier is not None else engine_classifiers(proto, cache.task)
+    runs = [_engine_rows(cache, layers, proto, seed, senteval_path, progress, c) for c in configs]
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for layer in sorted({r["layer"] for r in runs[0]}):
+        picked = [[r for r in run if r["layer"] == layer] for run in runs]
+        dev = [round(100 * next(r["value"] for r in rows if r["split"] == "dev"), 2) for rows in picked]
+        best = int(np.argmax(dev))  # the first best, as SentEval's own selection
+        out += [{**r, "nhid": configs[best]["nhid"], "dropout": configs[best]["dropout"]} for r in picked[best]]
+    return out
+
+
+def _engine_rows(
+    cache: LayerCache,
+    layers: Sequence[int] | None,
+    protocol: Protocol,
+    seed: int,
+    senteval_path: str | Path | None,
+    progress: Callable[[int], None] | None,
+    classifier: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """One engine run per layer with one classifier setting."""
     if cache.task not in SENTEVAL_NAMES:
         raise ProbekitError(f"{cache.task}: SentEval knows only its ten probing tasks ({', '.join(SENTEVAL_NAMES)})")
     senteval = load_senteval(senteval_path)
@@ -207,7 +260,7 @@ def run_engine(
                 "layer": layer,
                 "source": "senteval",
                 "probe": "senteval-engine",
-                "protocol": protocol,
+                "protocol": protocol.name,
                 "seed": seed,
                 "pool": cache.pool,
                 "cache_key": cache.manifest.get("key"),
@@ -224,7 +277,7 @@ def run_engine(
 
 def senteval_check(
     caches: Any,
-    protocol: str = "senteval",
+    protocol: str | Protocol = "senteval",
     layers: Sequence[int] | None = None,
     senteval_path: str | Path | None = None,
     out: str | Path | None = None,
@@ -234,9 +287,12 @@ def senteval_check(
     SentEval's seed 1111, no control): a :class:`~probekit.runs.Run` whose ``results`` hold both as tidy
     rows (``source`` ``probe`` and ``senteval``) and ``details["comparison"]`` a table of dev and test
     accuracy side by side (``probekit``, ``senteval``, ``diff`` in points). ``out``: save the rows there."""
-    engine_params(protocol)  # the protocols the engine has
+    proto = make_engine_protocol(protocol)  # the protocols the engine has
     load_senteval(senteval_path)  # before any fit: a missing engine is the first thing said
     opened = open_caches(caches)
+    for cache in opened:  # before any fit too: a cache the protocol is not defined on, a setting the engine lacks
+        proto.check_pool(cache.pool, cache.task)
+        engine_classifiers(proto, cache.task)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     timings = {"probekit": 0.0, "senteval": 0.0}
@@ -266,13 +322,13 @@ def senteval_check(
     return Run(results=results, paths=paths, timings=timings, details={"comparison": comparison(results)})
 
 
-def _probekit_rows(cache: LayerCache, protocol: str, layers: list[int]) -> list[dict[str, Any]]:
+def _probekit_rows(cache: LayerCache, protocol: str | Protocol, layers: list[int]) -> list[dict[str, Any]]:
     """probekit's fit of seed 0 on the chosen layers only (as the engine runs them), its ``acc`` rows."""
     template = probe_template(device="cpu", control=False, protocol=protocol)
     feats = load_features(cache, torch.device("cpu"))
     lp = fit_one(template, cache, feats, 0, "cpu", layers)
     settings = json.dumps(fit_settings(template, cache.task), sort_keys=True)
-    df = tidy(result_rows(lp, cache, feats, settings, protocol))
+    df = tidy(result_rows(lp, cache, feats, settings, make_protocol(protocol).name))
     return df[df["metric"] == "acc"].to_dict("records")
 
 

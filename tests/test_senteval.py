@@ -28,6 +28,7 @@ from probekit.extraction import extract
 from probekit.probes.layerwise import LayerwiseProbe
 from probekit.probes.order import cache_order
 from probekit.probes.predictions import load_predictions
+from probekit.probes.protocols import make_protocol
 from probekit.results import load_results, validate
 from probekit.senteval import cache_batcher, load_senteval, model_batcher, run_engine
 from probekit.suite import load_suite
@@ -239,6 +240,12 @@ def test_conneau2018_within_the_engine_s_seed_spread(parity_caches: list[LayerCa
     assert ((ours >= engine.min(0) - one) & (ours <= engine.max(0) + one)).all(), (ours, engine)
     assert np.abs(ours - engine[0]).max() <= 0.5  # the same seed: SentEval's numbers
     assert set(test["dropout"]) <= {0.0, 0.1} and "nhid" not in test.columns  # the options tuned: dropout
+    # run_engine with the protocol itself (what senteval-check runs) keeps, per layer, the option set selected above
+    tuned = make_protocol("conneau2018", nhid_grid=[50], dropout_grid=[0.0, 0.1])
+    rows = run_engine(cache, layers, tuned, 1111, senteval_path)
+    got = {r["layer"]: r for r in rows if r["split"] == "test"}
+    np.testing.assert_allclose([100 * got[x]["value"] for x in layers], engine[0])
+    assert all(got[x]["protocol"] == "conneau2018" and got[x]["nhid"] == 50 for x in layers)
 
 
 # ---------------------------------------------------------------- presets, column, CLI
@@ -350,3 +357,5 @@ def test_senteval_check_cli_prints_both_and_writes_tidy_rows(
     assert bad.exit_code == 2 and "--layers" in bad.output and bad.output.count("\n") == 1
     missing = CliRunner().invoke(app, ["senteval-check", str(cache.path), "--senteval", str(tmp_path)])
     assert missing.exit_code == 2 and "not a SentEval checkout" in missing.output
+    cls_only = CliRunner().invoke(app, [*args[:2], "--protocol", "jawahar2019", "--senteval", str(senteval_path)])
+    assert cls_only.exit_code == 2 and "--pool cls" in cls_only.output and cls_only.output.count("\n") == 1

@@ -12,16 +12,22 @@ from rich.table import Table
 
 from probekit.cli import app
 from probekit.cli.common import Quiet, check_paths, writing
+from probekit.probes.protocols import PROTOCOLS
 from probekit.senteval import ENV, senteval_check
 
-CheckProtocol = StrEnum("CheckProtocol", {"senteval": "senteval", "senteval-sklearn": "senteval-sklearn"})
+CheckProtocol = StrEnum("CheckProtocol", {name: name for name in PROTOCOLS.names()})
 
 
 @app.command("senteval-check")
 def senteval_check_cmd(
     caches: Annotated[list[Path], typer.Argument(help="Cache directories, or folders of caches (probekit extract).")],
     protocol: Annotated[
-        CheckProtocol, typer.Option("--protocol", help="senteval (SentEval's default) or senteval-sklearn.")
+        CheckProtocol,
+        typer.Option(
+            "--protocol",
+            help="A probe protocol: senteval (SentEval's default), senteval-sklearn, or a tuned MLP preset "
+            "(conneau2018: the engine once per nhid x dropout, the best on dev kept per layer).",
+        ),
     ] = CheckProtocol.senteval,
     layers: Annotated[
         str | None, typer.Option("--layers", help="Comma-separated layers (default: all).", show_default=False)
