@@ -290,18 +290,20 @@ def senteval_check(
     proto = make_engine_protocol(protocol)  # the protocols the engine has
     load_senteval(senteval_path)  # before any fit: a missing engine is the first thing said
     opened = open_caches(caches)
-    for cache in opened:  # before any fit too: a cache the protocol is not defined on, a setting the engine lacks
-        proto.check_pool(cache.pool, cache.task)
-        engine_classifiers(proto, cache.task)
-    rows: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    timings = {"probekit": 0.0, "senteval": 0.0}
-    bar = tqdm(total=len(opened) * 2, unit="run", disable=not progress, dynamic_ncols=True)
+    plans = []  # checked before any fit too: the layers, the cache's pooling, the settings the engine must have
     for cache in opened:
         chosen = list(range(cache.n_layers)) if layers is None else [int(x) for x in layers]
         bad = [x for x in chosen if not 0 <= x < cache.n_layers]
         if bad:
             raise ParamError("layers", f"{bad} out of range for {cache.task} (layers 0..{cache.n_layers - 1})")
+        proto.check_pool(cache.pool, cache.task)
+        plans.append((cache, chosen, len(engine_classifiers(proto, cache.task))))
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    timings = {"probekit": 0.0, "senteval": 0.0}
+    total = sum(1 + n_configs * len(chosen) for _, chosen, n_configs in plans)  # one fit, then each engine run
+    bar = tqdm(total=total, unit="run", disable=not progress, dynamic_ncols=True)
+    for cache, chosen, _ in plans:
         bar.set_description(f"{cache.task} probekit")
         t0 = time.perf_counter()
         mine = _probekit_rows(cache, protocol, chosen)
@@ -309,9 +311,9 @@ def senteval_check(
         bar.update(1)
         bar.set_description(f"{cache.task} senteval")
         t0 = time.perf_counter()
-        rows += mine + run_engine(cache, chosen, protocol, senteval_path=senteval_path)
+        engine = run_engine(cache, chosen, protocol, senteval_path=senteval_path, progress=lambda _: bar.update(1))
+        rows += mine + engine
         timings["senteval"] += time.perf_counter() - t0
-        bar.update(1)
     bar.close()
     results = tidy(rows)
     paths: dict[str, Path] = {}
