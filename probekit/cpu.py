@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 
 @contextlib.contextmanager
@@ -28,6 +29,18 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one CPU thread: torch's and the BLAS library's behind NumPy.
+
+    For a long run of tiny operations (the ``senteval`` protocol's mini-batch steps: products of
+    64 rows, a few thousand logits) threads cost more than they share. Two thread pools that spin
+    while waiting (torch's OpenMP and OpenBLAS's own) slow each other down most: on the 2-core CPU
+    here the protocol took 51.6 s for one task with both at their defaults and 2.9 s on one thread."""
+    with cpu_threads(1), threadpool_limits(1, user_api="blas"):
+        yield
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3

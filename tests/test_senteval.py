@@ -93,6 +93,34 @@ def test_the_step_s_cpu_product_is_a_batched_matrix_product() -> None:
         np.testing.assert_allclose(got, want, rtol=0.05 if dtype == torch.bfloat16 else 1e-5, atol=0.05)
 
 
+def test_the_logistic_step_trains_on_one_thread_and_gives_the_threads_back() -> None:
+    """Torch's and OpenBLAS's thread pools spin against each other on thousands of tiny products (51.6 s against
+    2.9 s for one task on the 2-core CPU): the logistic step runs on one thread of each, read off the libraries
+    (threadpoolctl) while it trains; the MLP (torch's autograd, faster on more threads) and the caller keep theirs."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 2, 8)).astype(np.float32), rng.integers(0, 2, 60)
+
+    def blas() -> set[int]:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    for nhid, want in ((0, 1), (5, 2)):
+        seen: list[tuple[int, set[int]]] = []
+        before = torch.get_num_threads()
+        with threadpool_limits(2, user_api="blas"):
+            torch.set_num_threads(2)
+            try:
+                probe = LayerwiseProbe(kind="mlp", nhid=nhid, grid=(1e-3,), device="cpu", control=False)
+                record = lambda e, r, seen=seen: seen.append((torch.get_num_threads(), blas()))  # noqa: E731
+                probe.fit(x, y, x[:20], y[:20], callback=record)
+                after = (torch.get_num_threads(), blas())
+            finally:
+                torch.set_num_threads(before)
+        assert seen and all(t == want and b == {want} for t, b in seen), (nhid, seen)
+        assert after == (2, {2})
+
+
 @pytest.mark.parametrize("path", ["numpy", "torch", "optimizer"])
 @pytest.mark.parametrize("k", [2, 3])
 def test_the_logistic_step_is_adam_on_the_mean_cross_entropy_with_coupled_decay(path: str, k: int) -> None:

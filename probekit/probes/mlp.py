@@ -25,6 +25,7 @@ step serves every problem of a layer, and the loss is the sum of the problems' m
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probekit.config import option
+from probekit.cpu import one_thread
 from probekit.errors import ProbekitError
 from probekit.probes.base import PROBE_KINDS, KindConfig, ProbeKind
 
@@ -103,7 +105,10 @@ class MLPProbe(ProbeKind):
             second = nn.Linear(h, k) if h else None
             params = self._replicate(first, second, n_layers, q)
             params = [p.to(device=device, dtype=dtype).requires_grad_() for p in params]
-            self._train(params, X, Y, rows, n_classes, dev, callback, seed)
+            # the hand-written step on the CPU is thousands of tiny products: on one thread (probekit.cpu.one_thread)
+            threads = one_thread() if h == 0 and device.type == "cpu" else contextlib.nullcontext()
+            with threads:
+                self._train(params, X, Y, rows, n_classes, dev, callback, seed)
         return self
 
     def _replicate(self, first: nn.Linear, second: nn.Linear | None, n_layers: int, q: int) -> list[torch.Tensor]:
